@@ -1,0 +1,176 @@
+//! The one path every message takes into the outbox: validate, build the
+//! stored headers, insert the row through a saved plan, arm the commit wake.
+//! Used by `outbox.publish(...)` (api.rs) and the trigger (trigger.rs).
+
+use std::cell::Cell;
+use std::ffi::CString;
+
+use pgrx::pg_sys;
+
+use crate::error::{OutboxError, Result};
+use crate::headers::{self, Generated};
+
+/// Checks a destination the way a STOMP broker routes it: `/` and a name.
+pub fn check_destination(destination: Option<&str>) -> Result<&str> {
+    let d = destination.ok_or(OutboxError::Null { what: "destination" })?;
+    if d.is_empty() {
+        return Err(OutboxError::EmptyDestination);
+    }
+    if !d.starts_with('/') || d.len() < 2 || d.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(OutboxError::Destination(d.to_string()));
+    }
+    Ok(d)
+}
+
+/// The wire destination: `destination.version` when a version is given.
+pub fn wire_destination(destination: &str, version: Option<&str>) -> Result<String> {
+    match version {
+        None => Ok(destination.to_string()),
+        Some(v) if v.is_empty() || v.chars().any(|c| c.is_control() || c.is_whitespace()) => {
+            Err(OutboxError::Version(v.to_string()))
+        }
+        Some(v) => Ok(format!("{destination}.{v}")),
+    }
+}
+
+/// Rejects a body over `outbox.max_message_bytes` (its uncompressed jsonb
+/// size, read from the varlena header without detoasting).
+pub fn check_size(body: pg_sys::Datum) -> Result<()> {
+    let size = unsafe { pg_sys::toast_raw_datum_size(body) };
+    let limit = crate::guc::MAX_MESSAGE_BYTES.get().max(0) as usize;
+    if size > limit {
+        return Err(OutboxError::TooLarge { size, limit });
+    }
+    Ok(())
+}
+
+/// One message about to be written.
+pub struct Message<'a> {
+    /// Wire destination (version suffix applied).
+    pub destination: &'a str,
+    pub version: Option<&'a str>,
+    /// A jsonb datum.
+    pub body: pg_sys::Datum,
+    pub user_headers: &'a [(String, String)],
+    /// `(operation, schema.table)` for trigger messages.
+    pub trigger: Option<(&'a str, &'a str)>,
+    /// An interval datum, or None for "now".
+    pub delay: Option<pg_sys::Datum>,
+}
+
+const INSERT: &std::ffi::CStr = c"INSERT INTO outbox.published \
+     (message_id, destination, version, body, headers, next_attempt_at) \
+     VALUES ($1, $2, $3, $4, $5, pg_catalog.now() OPERATOR(pg_catalog.+) COALESCE($6, '0'::pg_catalog.interval))";
+
+thread_local! {
+    /// Owner of outbox.published, looked up once per backend.
+    static OWNER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// The INSERT, prepared once per backend and kept (the plan cache
+    /// revalidates it if the table is recreated).
+    static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Writes the message into `outbox.published` in the current transaction
+/// and returns its message id. The caller has validated destination and body.
+pub fn write(m: &Message) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    let id_text = id.to_string();
+    let headers = headers::stored(
+        m.user_headers,
+        &Generated { message_id: &id_text, destination: m.destination, trigger: m.trigger },
+    );
+    let headers = CString::new(headers).expect("serde_json escapes NUL");
+    unsafe {
+        let uuid = pg_sys::palloc(16) as *mut u8;
+        std::ptr::copy_nonoverlapping(id.as_bytes().as_ptr(), uuid, 16);
+        let headers_datum = pgrx::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(headers.as_ptr()))],
+        )
+        .expect("jsonb_in returns a value");
+        let mut values = [
+            pg_sys::Datum::from(uuid),
+            text_datum(m.destination),
+            m.version.map(text_datum).unwrap_or(pg_sys::Datum::from(0)),
+            m.body,
+            headers_datum,
+            m.delay.unwrap_or(pg_sys::Datum::from(0)),
+        ];
+        let nulls = [
+            b' ' as std::ffi::c_char,
+            b' ' as _,
+            if m.version.is_some() { b' ' } else { b'n' } as _,
+            b' ' as _,
+            b' ' as _,
+            if m.delay.is_some() { b' ' } else { b'n' } as _,
+        ];
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            pgrx::error!("outbox: could not connect to SPI");
+        }
+        let plan = plan();
+        // Write as the table's owner: publishers need EXECUTE on the API,
+        // not INSERT on the table (so they cannot forge rows). An error
+        // aborts the transaction, which restores the user id.
+        let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(owner(), sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+        pg_sys::SetUserIdAndSecContext(user, sec);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            pgrx::error!("outbox: insert into outbox.published failed (SPI code {rc})");
+        }
+        pg_sys::SPI_finish();
+    }
+    crate::wake::arm();
+    id
+}
+
+unsafe fn plan() -> pg_sys::SPIPlanPtr {
+    let cached = PLAN.with(|p| p.get());
+    if !cached.is_null() {
+        return cached;
+    }
+    let mut types = [
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::JSONBOID,
+        pg_sys::INTERVALOID,
+    ];
+    unsafe {
+        let plan = pg_sys::SPI_prepare(INSERT.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if plan.is_null() {
+            pgrx::error!("outbox: could not prepare the outbox insert");
+        }
+        pg_sys::SPI_keepplan(plan);
+        PLAN.with(|p| p.set(plan));
+        plan
+    }
+}
+
+/// The owner of `outbox.published` (the role that created the extension).
+unsafe fn owner() -> pg_sys::Oid {
+    let cached = OWNER.with(|o| o.get());
+    if cached != pg_sys::InvalidOid {
+        return cached;
+    }
+    unsafe {
+        let rel = pg_sys::RangeVarGetRelidExtended(
+            pg_sys::makeRangeVar(c"outbox".as_ptr().cast_mut(), c"published".as_ptr().cast_mut(), -1),
+            pg_sys::NoLock as i32,
+            0,
+            None,
+            std::ptr::null_mut(),
+        );
+        let relation = pg_sys::RelationIdGetRelation(rel);
+        let owner = (*(*relation).rd_rel).relowner;
+        pg_sys::RelationClose(relation);
+        OWNER.with(|o| o.set(owner));
+        owner
+    }
+}
+
+fn text_datum(s: &str) -> pg_sys::Datum {
+    unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr() as *const _, s.len() as i32)) }
+}

@@ -1,0 +1,57 @@
+//! Function-manager glue: the V1 info records Postgres looks up for each C
+//! symbol named in `sql/*.sql`, and argument access helpers.
+
+use pgrx::pg_sys;
+
+/// Declares `pg_finfo_<symbol>` so Postgres calls `<symbol>` with the V1
+/// convention (what `PG_FUNCTION_INFO_V1` does in C).
+macro_rules! finfo_v1 {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static ::pgrx::pg_sys::Pg_finfo_record {
+            const V1: ::pgrx::pg_sys::Pg_finfo_record = ::pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+pub(crate) use finfo_v1;
+
+/// Argument `n` as a raw datum, or None when SQL NULL.
+pub unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
+    unsafe {
+        let args = (*fcinfo).args.as_slice(n + 1);
+        if n >= (*fcinfo).nargs as usize || args[n].isnull { None } else { Some(args[n].value) }
+    }
+}
+
+/// Argument `n` as text, or None when SQL NULL.
+pub unsafe fn arg_text(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<String> {
+    unsafe { arg(fcinfo, n).map(|d| text_of(d)) }
+}
+
+/// A text datum (possibly toasted) as a Rust string.
+pub unsafe fn text_of(d: pg_sys::Datum) -> String {
+    unsafe {
+        let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
+        let s = std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned();
+        pg_sys::pfree(c.cast());
+        s
+    }
+}
+
+/// A jsonb datum as JSON text.
+pub unsafe fn jsonb_text(d: pg_sys::Datum) -> String {
+    unsafe {
+        let c: pg_sys::Datum =
+            pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)]).expect("jsonb_out returns text");
+        let s = std::ffi::CStr::from_ptr(c.cast_mut_ptr()).to_string_lossy().into_owned();
+        s
+    }
+}
+
+/// Returns SQL NULL from a V1 function.
+pub unsafe fn return_null(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe { (*fcinfo).isnull = true };
+    pg_sys::Datum::from(0)
+}

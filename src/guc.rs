@@ -1,0 +1,189 @@
+//! Settings: every `outbox.*` GUC, its default, and when it takes effect.
+//!
+//! `outbox.database` and `outbox.max_consumers` are read by the postmaster
+//! (PGC_POSTMASTER); every other setting is reloadable (PGC_SIGHUP), and
+//! `outbox.stomp_passcode` is visible to superusers only.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static STOMP_HOSTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"127.0.0.1:61613"));
+pub static STOMP_USERNAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"guest"));
+pub static STOMP_PASSCODE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"guest"));
+pub static STOMP_VHOST: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"/"));
+pub static STOMP_HEARTBEATS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"10000,10000"));
+pub static STOMP_USE_SSL: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static STOMP_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static STOMP_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static STOMP_CA_CERTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static STOMP_QUEUE_HEADERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(
+    c r#"{"durable":"true","auto-delete":"false","prefetch-count":"100"}"#,
+));
+pub static STOMP_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+pub static MAXIMUM_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+pub static MAXIMUM_RETRY_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(50);
+pub static PAUSE_FOR_RETRY_MS: GucSetting<i32> = GucSetting::<i32>::new(240_000);
+pub static WAIT_RETRY_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static DAYS_TO_KEEP_DATA: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static CLEANUP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+pub static MAX_CONSUMERS: GucSetting<i32> = GucSetting::<i32>::new(8);
+pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+
+/// Registers every setting; called from `_PG_init` in every process that
+/// loads the library.
+pub fn init() {
+    let ms = GucFlags::UNIT_MS;
+    let s = GucFlags::UNIT_S;
+    let none = GucFlags::default();
+    let sighup = || GucContext::Sighup;
+
+    string(c"outbox.database", c"Database the outbox workers serve.", &DATABASE, GucContext::Postmaster, none);
+    string(
+        c"outbox.stomp_hosts",
+        c"Comma-separated broker host:port list, tried in turn (failover).",
+        &STOMP_HOSTS,
+        sighup(),
+        none,
+    );
+    string(c"outbox.stomp_username", c"STOMP login.", &STOMP_USERNAME, sighup(), none);
+    string(
+        c"outbox.stomp_passcode",
+        c"STOMP passcode (visible to superusers only).",
+        &STOMP_PASSCODE,
+        sighup(),
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    string(c"outbox.stomp_vhost", c"STOMP virtual host (the CONNECT host header).", &STOMP_VHOST, sighup(), none);
+    string(
+        c"outbox.stomp_heartbeats",
+        c"STOMP heart-beats in milliseconds: outgoing,incoming (0 turns one off).",
+        &STOMP_HEARTBEATS,
+        sighup(),
+        none,
+    );
+    GucRegistry::define_bool_guc(
+        c"outbox.stomp_use_ssl",
+        c"Connect to the broker over TLS.",
+        c"",
+        &STOMP_USE_SSL,
+        sighup(),
+        none,
+    );
+    string(c"outbox.stomp_key_file", c"Client private key (PEM) for TLS.", &STOMP_KEY_FILE, sighup(), none);
+    string(c"outbox.stomp_cert_file", c"Client certificate (PEM) for TLS.", &STOMP_CERT_FILE, sighup(), none);
+    string(
+        c"outbox.stomp_ca_certs",
+        c"CA certificates (PEM) that sign the broker's certificate.",
+        &STOMP_CA_CERTS,
+        sighup(),
+        none,
+    );
+    string(
+        c"outbox.stomp_queue_headers",
+        c"JSON object of headers added to every SUBSCRIBE (queue arguments).",
+        &STOMP_QUEUE_HEADERS,
+        sighup(),
+        none,
+    );
+    int(
+        c"outbox.stomp_connect_timeout",
+        c"How long to wait for a broker connection and its CONNECTED answer.",
+        &STOMP_CONNECT_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        ms,
+    );
+    int(
+        c"outbox.maximum_backoff",
+        c"Longest wait between two reconnection attempts.",
+        &MAXIMUM_BACKOFF_MS,
+        1,
+        i32::MAX,
+        ms,
+    );
+    int(
+        c"outbox.maximum_retry_attempts",
+        c"Failed attempts after which a message is marked failed.",
+        &MAXIMUM_RETRY_ATTEMPTS,
+        1,
+        i32::MAX,
+        none,
+    );
+    int(c"outbox.pause_for_retry", c"Wait before the third attempt.", &PAUSE_FOR_RETRY_MS, 0, i32::MAX, ms);
+    int(c"outbox.wait_retry", c"Wait before each attempt after the third.", &WAIT_RETRY_MS, 0, i32::MAX, ms);
+    int(
+        c"outbox.days_to_keep_data",
+        c"Age in days after which finished rows are deleted.",
+        &DAYS_TO_KEEP_DATA,
+        0,
+        i32::MAX,
+        none,
+    );
+    int(
+        c"outbox.cleanup_interval",
+        c"Least time between two retention runs of the worker.",
+        &CLEANUP_INTERVAL_S,
+        1,
+        i32::MAX,
+        s,
+    );
+    int(c"outbox.batch_size", c"Messages sent per batch and transaction.", &BATCH_SIZE, 1, 100_000, none);
+    int(
+        c"outbox.poll_interval",
+        c"Fallback wake-up of the publisher when no commit woke it.",
+        &POLL_INTERVAL_MS,
+        10,
+        i32::MAX,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_consumers",
+        c"Most consumer workers that may run at once.",
+        c"",
+        &MAX_CONSUMERS,
+        0,
+        1024,
+        GucContext::Postmaster,
+        none,
+    );
+    int(
+        c"outbox.max_message_bytes",
+        c"Largest message body accepted by outbox.publish.",
+        &MAX_MESSAGE_BYTES,
+        1,
+        i32::MAX,
+        GucFlags::UNIT_BYTE,
+    );
+}
+
+fn string(
+    name: &'static CStr,
+    short: &'static CStr,
+    setting: &'static GucSetting<Option<CString>>,
+    context: GucContext,
+    flags: GucFlags,
+) {
+    GucRegistry::define_string_guc(name, short, c"", setting, context, flags);
+}
+
+fn int(
+    name: &'static CStr,
+    short: &'static CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    flags: GucFlags,
+) {
+    GucRegistry::define_int_guc(name, short, c"", setting, min, max, GucContext::Sighup, flags);
+}
+
+/// The current value of a string setting ('' when unset).
+pub fn text(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}

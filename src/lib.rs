@@ -1,0 +1,41 @@
+//! outbox_pg: the transactional outbox and the idempotent inbox over STOMP,
+//! inside PostgreSQL. This file only wires the modules together.
+
+mod api;
+mod enqueue;
+mod error;
+mod fmgr;
+mod guc;
+mod headers;
+mod trigger;
+mod wake;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/outbox_pg.sql", name = "outbox_pg", bootstrap);
+
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn _PG_init() {
+    if unsafe { pgrx::pg_sys::IsBinaryUpgrade } {
+        return;
+    }
+    guc::init();
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        wake::init_shared_memory();
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,1117 @@
+//! Synchronous STOMP 1.2 client over `std::net::TcpStream` (no threads).
+//!
+//! Vocabulary: see [`super::frame`]. A [`Connection`] is one CONNECTed TCP session with
+//! negotiated heart-beats; [`send_batch`] pipelines SEND frames that carry `receipt` headers
+//! and collects the RECEIPTs.
+//!
+//! # Observed broker behaviour (RabbitMQ 3.10 STOMP plugin, measured by the tests below)
+//!
+//! FINDINGS-PLACEHOLDER
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::frame::{Command, Decoded, Decoder, Frame, FrameError, encode};
+
+/// Largest frame accepted from the broker unless changed with
+/// [`Connection::set_max_frame_bytes`].
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// Extra tolerance on top of twice the broker's heart-beat interval before it is declared gone.
+const HEARTBEAT_SLACK: Duration = Duration::from_millis(1000);
+
+/// A write that makes no progress for this long fails with `Timeout("write")` (at least; the
+/// connect timeout is used when it is longer).
+const MIN_WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// After the first ERROR in [`send_batch`], how long to keep collecting receipts (bounded by
+/// the caller's timeout).
+pub const ERROR_GRACE: Duration = Duration::from_millis(1000);
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Connection settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `host:port` entries (tried in order by [`Connection::open_any`]).
+    pub hosts: Vec<String>,
+    pub login: String,
+    /// Never logged nor put into error messages (`Debug` redacts it).
+    pub passcode: String,
+    /// Sent as the CONNECT `host` header (RabbitMQ: the virtual host, e.g. `/`).
+    pub vhost: String,
+    /// Heart-beat wishes in milliseconds: (we can send every, we want to receive every);
+    /// 0 disables that direction.
+    pub heartbeat: (u32, u32),
+    /// Bound on TCP connect plus the CONNECTED answer.
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("hosts", &self.hosts)
+            .field("login", &self.login)
+            .field("passcode", &"<redacted>")
+            .field("vhost", &self.vhost)
+            .field("heartbeat", &self.heartbeat)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// Errors of the STOMP client. None of them ever contains the passcode.
+#[derive(Debug, thiserror::Error)]
+pub enum StompError {
+    #[error("broker i/o: {0}")]
+    Io(#[from] io::Error),
+    /// What timed out: "connect", "connected", "write", "heart-beat", "receipts", "receipt".
+    #[error("stomp timeout waiting for {0}")]
+    Timeout(&'static str),
+    /// ERROR frame answering CONNECT (e.g. bad login): its message header and body.
+    #[error("broker refused the connection: {0}")]
+    Refused(String),
+    /// ERROR frame received after the connection was established.
+    #[error("broker error: {message}{}{}", receipt_id.as_ref().map(|r| format!(" (receipt-id {r})")).unwrap_or_default(), if body.is_empty() { String::new() } else { format!(": {}", body.trim_end()) })]
+    Broker {
+        message: String,
+        receipt_id: Option<String>,
+        body: String,
+    },
+    /// The broker closed the connection.
+    #[error("broker closed the connection")]
+    Closed,
+    #[error("stomp protocol violation: {0}")]
+    Protocol(String),
+    #[error("stomp frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("stomp configuration: {0}")]
+    Config(String),
+}
+
+impl StompError {
+    /// The error reported for an ERROR frame received on an established connection.
+    pub fn from_error_frame(frame: &Frame) -> StompError {
+        StompError::Broker {
+            message: frame.get("message").unwrap_or("").to_string(),
+            receipt_id: frame.get("receipt-id").map(str::to_string),
+            body: frame.body_text(),
+        }
+    }
+
+    /// True for errors that mean the connection can no longer be used.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, StompError::Broker { .. })
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Removes the passcode from broker-provided text (defence in depth; brokers do not echo it).
+fn scrub(text: String, cfg: &Config) -> String {
+    if cfg.passcode.len() >= 4 && cfg.passcode != cfg.login && text.contains(&cfg.passcode) {
+        text.replace(&cfg.passcode, "<redacted>")
+    } else {
+        text
+    }
+}
+
+fn parse_heartbeat(v: &str) -> Option<(u32, u32)> {
+    let (a, b) = v.split_once(',')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+/// Spec negotiation: 0 on either side disables, otherwise the larger of the two values.
+fn negotiate(ours: u32, theirs: u32) -> Option<Duration> {
+    if ours == 0 || theirs == 0 {
+        None
+    } else {
+        Some(Duration::from_millis(u64::from(ours.max(theirs))))
+    }
+}
+
+/// One CONNECTed STOMP 1.2 session.
+pub struct Connection {
+    stream: TcpStream,
+    host: String,
+    server: Option<String>,
+    session: Option<String>,
+    decoder: Decoder,
+    /// Encoded frames not yet written.
+    wbuf: Vec<u8>,
+    /// Decoded frames not yet returned by `read_frame`.
+    inbox: VecDeque<Frame>,
+    rbuf: Vec<u8>,
+    /// We must send something at least this often.
+    send_every: Option<Duration>,
+    /// The broker promised to send something at least this often.
+    recv_every: Option<Duration>,
+    last_write: Instant,
+    last_read: Instant,
+    /// The broker closed its side (frames may still be in `inbox`).
+    eof: bool,
+    write_stall: Duration,
+    /// Read timeout currently set on the socket (avoids redundant syscalls).
+    read_timeout: Option<Duration>,
+    receipt_seq: u64,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("host", &self.host)
+            .field("server", &self.server)
+            .field("session", &self.session)
+            .field("send_every", &self.send_every)
+            .field("recv_every", &self.recv_every)
+            .field("eof", &self.eof)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl Connection {
+    /// Connects to `host` (one `host:port` entry, normally from `cfg.hosts`) within
+    /// `cfg.connect_timeout` (TCP connect and the CONNECTED answer together), sending CONNECT
+    /// with `accept-version:1.2`, `host:<vhost>`, `login`, `passcode` and `heart-beat`, and
+    /// negotiates heart-beats as the specification says. An ERROR answer is
+    /// [`StompError::Refused`].
+    pub fn open(cfg: &Config, host: &str) -> Result<Connection, StompError> {
+        let start = Instant::now();
+        let deadline = start + cfg.connect_timeout;
+        if cfg.connect_timeout.is_zero() {
+            return Err(StompError::Config("connect_timeout must not be zero".into()));
+        }
+        let addrs: Vec<SocketAddr> = host
+            .to_socket_addrs()
+            .map_err(|e| StompError::Config(format!("bad broker address {host:?}: {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(StompError::Config(format!(
+                "broker address {host:?} resolves to nothing"
+            )));
+        }
+        let mut last_err = None;
+        let mut stream = None;
+        for addr in &addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(addr, left) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let stream = match (stream, last_err) {
+            (Some(s), _) => s,
+            (None, Some(e)) if !is_timeout(&e) => return Err(StompError::Io(e)),
+            (None, _) => return Err(StompError::Timeout("connect")),
+        };
+        stream.set_nodelay(true)?;
+        let now = Instant::now();
+        let mut conn = Connection {
+            stream,
+            host: host.to_string(),
+            server: None,
+            session: None,
+            decoder: Decoder::new(DEFAULT_MAX_FRAME_BYTES),
+            wbuf: Vec::with_capacity(4096),
+            inbox: VecDeque::new(),
+            rbuf: vec![0; READ_CHUNK],
+            send_every: None,
+            recv_every: None,
+            last_write: now,
+            last_read: now,
+            eof: false,
+            write_stall: cfg.connect_timeout.max(MIN_WRITE_STALL),
+            read_timeout: None,
+            receipt_seq: 0,
+        };
+        let mut connect = Frame::new(Command::Connect)
+            .header("accept-version", "1.2")
+            .header("host", cfg.vhost.as_str());
+        if !cfg.login.is_empty() {
+            connect = connect.header("login", cfg.login.as_str());
+        }
+        if !cfg.passcode.is_empty() {
+            connect = connect.header("passcode", cfg.passcode.as_str());
+        }
+        connect = connect.header(
+            "heart-beat",
+            format!("{},{}", cfg.heartbeat.0, cfg.heartbeat.1),
+        );
+        // Never let the passcode reach an error message through the encoder's error.
+        conn.queue(&connect).map_err(|_| {
+            StompError::Config(
+                "login, passcode, vhost must not contain line breaks (no escaping in CONNECT)"
+                    .into(),
+            )
+        })?;
+        let write_stall = conn.write_stall;
+        conn.write_stall = cfg.connect_timeout;
+        conn.flush().map_err(|e| match e {
+            StompError::Timeout(_) => StompError::Timeout("connected"),
+            e => e,
+        })?;
+        conn.write_stall = write_stall;
+
+        let connected = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StompError::Timeout("connected"));
+            }
+            match conn.read_raw(left)? {
+                None => return Err(StompError::Timeout("connected")),
+                Some(f) if f.command == Command::Connected => break f,
+                Some(f) if f.command == Command::Error => {
+                    let mut text = f.get("message").unwrap_or("").trim().to_string();
+                    let body = f.body_text();
+                    let body = body.trim();
+                    if !body.is_empty() {
+                        if !text.is_empty() {
+                            text.push_str(": ");
+                        }
+                        text.push_str(body);
+                    }
+                    return Err(StompError::Refused(scrub(text, cfg)));
+                }
+                Some(f) => {
+                    return Err(StompError::Protocol(format!(
+                        "expected CONNECTED, got {}",
+                        f.command
+                    )));
+                }
+            }
+        };
+        match connected.get("version") {
+            Some("1.2") => {}
+            v => {
+                return Err(StompError::Protocol(format!(
+                    "broker does not speak stomp 1.2 (version {})",
+                    v.unwrap_or("1.0")
+                )));
+            }
+        }
+        let (sx, sy) = match connected.get("heart-beat") {
+            None => (0, 0),
+            Some(v) => parse_heartbeat(v)
+                .ok_or_else(|| StompError::Protocol(format!("bad heart-beat header {v:?}")))?,
+        };
+        conn.send_every = negotiate(cfg.heartbeat.0, sy);
+        conn.recv_every = negotiate(cfg.heartbeat.1, sx);
+        conn.server = connected.get("server").map(str::to_string);
+        conn.session = connected.get("session").map(str::to_string);
+        let now = Instant::now();
+        conn.last_read = now;
+        Ok(conn)
+    }
+
+    /// Tries [`Connection::open`] on each entry of `cfg.hosts` in order; returns the first
+    /// success, or the last error (a `Refused` stops immediately: credentials are shared).
+    pub fn open_any(cfg: &Config) -> Result<Connection, StompError> {
+        let mut last = StompError::Config("no broker hosts configured".into());
+        for host in &cfg.hosts {
+            match Connection::open(cfg, host) {
+                Ok(c) => return Ok(c),
+                Err(e @ StompError::Refused(_)) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// The `host:port` this connection was opened to.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// CONNECTED's `server` header.
+    pub fn server(&self) -> Option<&str> {
+        self.server.as_deref()
+    }
+
+    /// CONNECTED's `session` header.
+    pub fn session(&self) -> Option<&str> {
+        self.session.as_deref()
+    }
+
+    /// Negotiated heart-beat intervals: (we send every, broker sends every); None = off.
+    pub fn heartbeats(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.send_every, self.recv_every)
+    }
+
+    /// Changes the largest frame accepted from the broker (default
+    /// [`DEFAULT_MAX_FRAME_BYTES`]). Only takes effect between frames.
+    pub fn set_max_frame_bytes(&mut self, max: usize) {
+        if !self.decoder.in_frame() && self.decoder.buffered_len() == 0 {
+            self.decoder = Decoder::new(max);
+        }
+    }
+
+    /// A fresh receipt id unique within this connection (`r-<n>`), for callers that need one.
+    pub fn next_receipt_id(&mut self) -> String {
+        self.receipt_seq += 1;
+        format!("r-{}", self.receipt_seq)
+    }
+
+    /// Encodes a frame into the write buffer (no syscall yet); used to pipeline many SENDs.
+    pub fn queue(&mut self, frame: &Frame) -> Result<(), StompError> {
+        encode(frame, &mut self.wbuf)?;
+        Ok(())
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn queued_len(&self) -> usize {
+        self.wbuf.len()
+    }
+
+    /// Writes everything queued (normally one write syscall). While the broker does not read,
+    /// incoming data is drained into the read buffers so that neither side can deadlock.
+    pub fn flush(&mut self) -> Result<(), StompError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let mut written = 0;
+        let mut progress_at = Instant::now();
+        // A short write timeout lets us interleave draining reads while the broker's receive
+        // window is full.
+        self.stream
+            .set_write_timeout(Some(Duration::from_millis(100)))?;
+        let res = loop {
+            if written == self.wbuf.len() {
+                break Ok(());
+            }
+            match self.stream.write(&self.wbuf[written..]) {
+                Ok(0) => break Err(StompError::Closed),
+                Ok(n) => {
+                    written += n;
+                    progress_at = Instant::now();
+                    self.last_write = progress_at;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if let Err(e) = self.read_nonblocking() {
+                        break Err(e);
+                    }
+                    if progress_at.elapsed() >= self.write_stall {
+                        break Err(StompError::Timeout("write"));
+                    }
+                }
+                Err(e) if is_closed(&e) => break Err(StompError::Closed),
+                Err(e) => break Err(StompError::Io(e)),
+            }
+        };
+        // Keep whatever was not written (the connection is unusable after an error anyway).
+        self.wbuf.drain(..written);
+        res
+    }
+
+    /// Reads the next frame, waiting at most `timeout`; heart-beat EOLs are consumed silently
+    /// (and count as liveness). Returns `Ok(None)` on timeout. While waiting it sends our
+    /// heart-beat EOL when due.
+    ///
+    /// An ERROR frame is returned as `Err(StompError::Broker{..})`; the connection object
+    /// stays readable afterwards (to collect frames the broker sent before closing).
+    /// `Err(Closed)` on EOF (after all buffered frames were returned),
+    /// `Err(Timeout("heart-beat"))` when the broker has been silent for longer than twice the
+    /// negotiated interval plus one second.
+    pub fn read_frame(&mut self, timeout: Duration) -> Result<Option<Frame>, StompError> {
+        match self.read_raw(timeout)? {
+            Some(f) if f.command == Command::Error => Err(StompError::from_error_frame(&f)),
+            other => Ok(other),
+        }
+    }
+
+    fn read_raw(&mut self, timeout: Duration) -> Result<Option<Frame>, StompError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.inbox.pop_front() {
+                return Ok(Some(f));
+            }
+            if self.eof {
+                return Err(StompError::Closed);
+            }
+            self.heartbeat_if_due()?;
+            self.check_broker_alive()?;
+            let now = Instant::now();
+            if now >= deadline {
+                // One last non-blocking look, so a zero timeout still polls.
+                self.read_nonblocking()?;
+                if let Some(f) = self.inbox.pop_front() {
+                    return Ok(Some(f));
+                }
+                return if self.eof {
+                    Err(StompError::Closed)
+                } else {
+                    Ok(None)
+                };
+            }
+            let mut wake = deadline;
+            if let Some(t) = self.send_due_at() {
+                wake = wake.min(t);
+            }
+            if let Some(t) = self.broker_deadline() {
+                wake = wake.min(t);
+            }
+            let wait = wake
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1));
+            self.read_blocking(wait)?;
+        }
+    }
+
+    /// For idle connections: sends a heart-beat EOL if due, reads whatever is available
+    /// without blocking (frames are buffered for [`Connection::read_frame`]), and reports the
+    /// broker gone (`Closed` on EOF, `Timeout("heart-beat")` when its heart-beats stopped).
+    /// Cheap: a few syscalls.
+    pub fn keepalive(&mut self) -> Result<(), StompError> {
+        if self.eof {
+            return Err(StompError::Closed);
+        }
+        self.heartbeat_if_due()?;
+        self.read_nonblocking()?;
+        if self.eof {
+            return Err(StompError::Closed);
+        }
+        self.check_broker_alive()
+    }
+
+    /// How long the caller may sleep before it must call [`Connection::keepalive`] again
+    /// (`None` = heart-beats off in both directions).
+    pub fn keepalive_due_in(&self) -> Option<Duration> {
+        let due = match (self.send_due_at(), self.broker_deadline()) {
+            (None, None) => return None,
+            (Some(a), None) | (None, Some(a)) => a,
+            (Some(a), Some(b)) => a.min(b),
+        };
+        Some(due.saturating_duration_since(Instant::now()))
+    }
+
+    /// True when decoded frames are already buffered (so waiting on the socket would be
+    /// wrong), or the broker's EOF is pending to be reported.
+    pub fn has_buffered(&self) -> bool {
+        !self.inbox.is_empty()
+    }
+
+    /// The socket's file descriptor (for poll/select-style waiting).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Sends DISCONNECT with a receipt and waits at most `timeout` for it, then closes.
+    pub fn disconnect(mut self, timeout: Duration) -> Result<(), StompError> {
+        let deadline = Instant::now() + timeout;
+        let id = format!("disconnect-{}", self.next_receipt_id());
+        self.queue(&Frame::new(Command::Disconnect).header("receipt", id.as_str()))?;
+        self.flush()?;
+        let res = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_raw(left) {
+                Ok(Some(f)) if f.command == Command::Receipt && f.get("receipt-id") == Some(&id) => {
+                    break Ok(());
+                }
+                Ok(Some(f)) if f.command == Command::Error => {
+                    break Err(StompError::from_error_frame(&f));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break Err(StompError::Timeout("receipt")),
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        res
+    }
+
+    // ---- internals ----
+
+    fn send_due_at(&self) -> Option<Instant> {
+        // Send at half the interval so network jitter never makes us late.
+        self.send_every.map(|d| self.last_write + d / 2)
+    }
+
+    fn broker_deadline(&self) -> Option<Instant> {
+        self.recv_every
+            .map(|d| self.last_read + d * 2 + HEARTBEAT_SLACK)
+    }
+
+    fn check_broker_alive(&self) -> Result<(), StompError> {
+        match self.broker_deadline() {
+            Some(t) if Instant::now() > t => Err(StompError::Timeout("heart-beat")),
+            _ => Ok(()),
+        }
+    }
+
+    fn heartbeat_if_due(&mut self) -> Result<(), StompError> {
+        match self.send_due_at() {
+            Some(t) if Instant::now() >= t => {}
+            _ => return Ok(()),
+        }
+        if !self.wbuf.is_empty() {
+            // Queued frames count as heart-beats; they must not be split by an EOL.
+            return self.flush();
+        }
+        self.stream
+            .set_write_timeout(Some(Duration::from_millis(100)))?;
+        match self.stream.write(b"\n") {
+            Ok(_) => {
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            // Send buffer full: the broker is not reading; try again next time.
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if is_closed(&e) => Err(StompError::Closed),
+            Err(e) => Err(StompError::Io(e)),
+        }
+    }
+
+    /// Feeds received bytes to the decoder and moves complete frames to the inbox.
+    fn absorb(&mut self, n: usize) -> Result<(), StompError> {
+        self.last_read = Instant::now();
+        self.decoder.feed(&self.rbuf[..n]);
+        while let Some(item) = self.decoder.next()? {
+            if let Decoded::Frame(f) = item {
+                self.inbox.push_back(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// One read waiting at most `wait` (> 0).
+    fn read_blocking(&mut self, wait: Duration) -> Result<(), StompError> {
+        if self.read_timeout != Some(wait) {
+            self.stream.set_read_timeout(Some(wait))?;
+            self.read_timeout = Some(wait);
+        }
+        match self.stream.read(&mut self.rbuf) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(())
+            }
+            Ok(n) => self.absorb(n),
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if is_closed(&e) => {
+                self.eof = true;
+                Ok(())
+            }
+            Err(e) => Err(StompError::Io(e)),
+        }
+    }
+
+    /// Reads everything available right now without blocking.
+    fn read_nonblocking(&mut self) -> Result<(), StompError> {
+        if self.eof {
+            return Ok(());
+        }
+        self.stream.set_nonblocking(true)?;
+        let res = loop {
+            match self.stream.read(&mut self.rbuf) {
+                Ok(0) => {
+                    self.eof = true;
+                    break Ok(());
+                }
+                Ok(n) => {
+                    if let Err(e) = self.absorb(n) {
+                        break Err(e);
+                    }
+                    if n < self.rbuf.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => break Ok(()),
+                Err(e) if is_closed(&e) => {
+                    self.eof = true;
+                    break Ok(());
+                }
+                Err(e) => break Err(StompError::Io(e)),
+            }
+        };
+        self.stream.set_nonblocking(false)?;
+        res
+    }
+}
+
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Result of [`send_batch`].
+#[derive(Debug, Default)]
+pub struct SendOutcome {
+    /// Receipt ids that came back, in arrival order.
+    pub receipted: Vec<String>,
+    /// Every problem seen, in order: each ERROR frame (`Broker`), then at most one terminal
+    /// condition (`Closed`, `Timeout("receipts")`, i/o or protocol error). Empty when every
+    /// frame was receipted.
+    pub errors: Vec<StompError>,
+}
+
+impl SendOutcome {
+    /// True when every frame carrying a receipt header was receipted and nothing went wrong.
+    pub fn all_ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Pipelined SEND helper: queues every frame (each should carry a `receipt` header; frames
+/// without one are sent but not waited for), flushes once, then collects RECEIPTs until all
+/// are in, the connection closes, or `timeout` passes. After an ERROR frame it keeps
+/// collecting receipts for at most [`ERROR_GRACE`] more (within `timeout`), because the broker
+/// may still receipt the other frames before closing. Frames other than RECEIPT/ERROR that
+/// arrive meanwhile are discarded.
+pub fn send_batch(conn: &mut Connection, frames: &[Frame], timeout: Duration) -> SendOutcome {
+    let mut out = SendOutcome::default();
+    let mut deadline = Instant::now() + timeout;
+    let mut pending: HashSet<&str> = HashSet::with_capacity(frames.len());
+    for f in frames {
+        match conn.queue(f) {
+            Ok(()) => {
+                if let Some(r) = f.get("receipt") {
+                    pending.insert(r);
+                }
+            }
+            Err(e) => out.errors.push(e),
+        }
+    }
+    if let Err(e) = conn.flush() {
+        out.errors.push(e);
+        return out;
+    }
+    let mut saw_error = false;
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.read_frame(left) {
+            Ok(Some(f)) => {
+                if f.command == Command::Receipt
+                    && let Some(id) = f.get("receipt-id")
+                    && pending.remove(id)
+                {
+                    out.receipted.push(id.to_string());
+                }
+            }
+            Ok(None) => {
+                if !saw_error {
+                    out.errors.push(StompError::Timeout("receipts"));
+                }
+                break;
+            }
+            Err(e @ StompError::Broker { .. }) => {
+                if let StompError::Broker {
+                    receipt_id: Some(id),
+                    ..
+                } = &e
+                {
+                    pending.remove(id.as_str());
+                }
+                out.errors.push(e);
+                if !saw_error {
+                    saw_error = true;
+                    deadline = deadline.min(Instant::now() + ERROR_GRACE);
+                }
+            }
+            Err(e) => {
+                out.errors.push(e);
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BROKER: &str = "127.0.0.1:61613";
+
+    fn broker_up() -> bool {
+        match TcpStream::connect_timeout(&BROKER.parse().unwrap(), Duration::from_secs(2)) {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("NOTE: skipping broker test, {BROKER} unreachable: {e}");
+                false
+            }
+        }
+    }
+
+    fn cfg() -> Config {
+        Config {
+            hosts: vec![BROKER.into()],
+            login: "guest".into(),
+            passcode: "guest".into(),
+            vhost: "/".into(),
+            heartbeat: (0, 0),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn unique(prefix: &str) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        format!(
+            "/queue/stompdev-{prefix}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn send(dest: &str, receipt: &str) -> Frame {
+        Frame::new(Command::Send)
+            .header("destination", dest)
+            .header("receipt", receipt)
+            .body(format!("body of {receipt}"))
+    }
+
+    #[test]
+    fn config_debug_redacts_passcode() {
+        let mut c = cfg();
+        c.passcode = "s3cret-pass".into();
+        let d = format!("{c:?}");
+        assert!(!d.contains("s3cret-pass"), "{d}");
+    }
+
+    #[test]
+    fn heartbeat_negotiation_rules() {
+        assert_eq!(negotiate(0, 5), None);
+        assert_eq!(negotiate(5, 0), None);
+        assert_eq!(negotiate(1000, 5000), Some(Duration::from_millis(5000)));
+        assert_eq!(negotiate(7000, 5000), Some(Duration::from_millis(7000)));
+        assert_eq!(parse_heartbeat("10, 20"), Some((10, 20)));
+        assert_eq!(parse_heartbeat("x,1"), None);
+    }
+
+    #[test]
+    fn connect_disconnect() {
+        if !broker_up() {
+            return;
+        }
+        let t = Instant::now();
+        let conn = Connection::open(&cfg(), BROKER).unwrap();
+        eprintln!(
+            "connected in {:?}: server={:?} session={:?}",
+            t.elapsed(),
+            conn.server(),
+            conn.session()
+        );
+        assert_eq!(conn.host(), BROKER);
+        assert!(conn.server().unwrap_or("").starts_with("RabbitMQ"));
+        assert_eq!(conn.heartbeats(), (None, None));
+        assert_eq!(conn.keepalive_due_in(), None);
+        assert!(conn.as_raw_fd() >= 0);
+        conn.disconnect(Duration::from_secs(5)).unwrap();
+        // open_any
+        let mut c = cfg();
+        c.hosts = vec!["127.0.0.1:1".into(), BROKER.into()];
+        let conn = Connection::open_any(&c).unwrap();
+        assert_eq!(conn.host(), BROKER);
+        conn.disconnect(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn bad_passcode_is_refused_quickly() {
+        if !broker_up() {
+            return;
+        }
+        let mut c = cfg();
+        c.passcode = "definitely-wrong-pw".into();
+        let t = Instant::now();
+        let err = Connection::open(&c, BROKER).unwrap_err();
+        eprintln!("bad login after {:?}: {err}", t.elapsed());
+        assert!(matches!(err, StompError::Refused(_)), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        assert!(!err.to_string().contains("definitely-wrong-pw"));
+        assert!(!format!("{err:?}").contains("definitely-wrong-pw"));
+        // Bad vhost too.
+        let mut c = cfg();
+        c.vhost = "no-such-vhost-stompdev".into();
+        let err = Connection::open(&c, BROKER).unwrap_err();
+        eprintln!("bad vhost: {err}");
+        assert!(matches!(err, StompError::Refused(_)), "{err:?}");
+    }
+
+    #[test]
+    fn connect_errors() {
+        // Closed port: refused immediately, well within the timeout.
+        let mut c = cfg();
+        c.connect_timeout = Duration::from_secs(2);
+        let t = Instant::now();
+        let err = Connection::open(&c, "127.0.0.1:1").unwrap_err();
+        assert!(t.elapsed() <= Duration::from_secs(3), "{:?}", t.elapsed());
+        assert!(matches!(err, StompError::Io(_)), "{err:?}");
+        // A listener that never answers CONNECT: timeout within connect_timeout.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        c.connect_timeout = Duration::from_millis(500);
+        let t = Instant::now();
+        let err = Connection::open(&c, &addr).unwrap_err();
+        assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+        assert!(matches!(err, StompError::Timeout(_)), "{err:?}");
+        // A listener that closes at once.
+        let l2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr2 = l2.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || drop(l2.accept()));
+        let err = Connection::open(&c, &addr2).unwrap_err();
+        h.join().unwrap();
+        assert!(matches!(err, StompError::Closed | StompError::Io(_)), "{err:?}");
+        // Bad addresses.
+        assert!(matches!(
+            Connection::open(&c, "no-port"),
+            Err(StompError::Config(_))
+        ));
+        let mut c = cfg();
+        c.hosts.clear();
+        assert!(matches!(
+            Connection::open_any(&c),
+            Err(StompError::Config(_))
+        ));
+        drop(l);
+    }
+
+    #[test]
+    fn connect_rejects_line_breaks_in_credentials() {
+        let mut c = cfg();
+        c.passcode = "pw\nx:y".into();
+        // Fails before any network traffic matters; the passcode is not in the message.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let err = Connection::open(&c, &addr).unwrap_err();
+        assert!(matches!(err, StompError::Config(_)), "{err:?}");
+        assert!(!err.to_string().contains("pw\nx"));
+    }
+
+    #[test]
+    fn pipelined_batch_of_1000() {
+        if !broker_up() {
+            return;
+        }
+        let dest = unique("batch");
+        let mut conn = Connection::open(&cfg(), BROKER).unwrap();
+        let frames: Vec<Frame> = (0..1000).map(|i| send(&dest, &format!("b-{i}"))).collect();
+        let t = Instant::now();
+        let out = send_batch(&mut conn, &frames, Duration::from_secs(30));
+        eprintln!("1000 pipelined sends receipted in {:?}", t.elapsed());
+        assert!(out.all_ok(), "{:?}", out.errors);
+        assert_eq!(out.receipted.len(), 1000);
+        // RabbitMQ receipts in order.
+        let want: Vec<String> = (0..1000).map(|i| format!("b-{i}")).collect();
+        assert_eq!(out.receipted, want);
+        // Clean up: read them back (and so empty the queue).
+        conn.queue(
+            &Frame::new(Command::Subscribe)
+                .header("id", "0")
+                .header("destination", dest.as_str())
+                .header("ack", "auto"),
+        )
+        .unwrap();
+        conn.flush().unwrap();
+        let mut n = 0;
+        while n < 1000 {
+            let f = conn.read_frame(Duration::from_secs(10)).unwrap().unwrap();
+            assert_eq!(f.command, Command::Message);
+            n += 1;
+        }
+        conn.disconnect(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn batch_with_unroutable_frame() {
+        if !broker_up() {
+            return;
+        }
+        let dest = unique("mixed");
+        let mut conn = Connection::open(&cfg(), BROKER).unwrap();
+        let mut frames: Vec<Frame> = (0..10).map(|i| send(&dest, &format!("m-{i}"))).collect();
+        frames[5] = send("/nonsense/x", "m-5");
+        let t = Instant::now();
+        let out = send_batch(&mut conn, &frames, Duration::from_secs(10));
+        eprintln!(
+            "mixed batch after {:?}: receipted={:?} errors={:#?}",
+            t.elapsed(),
+            out.receipted,
+            out.errors
+        );
+        assert!(!out.receipted.contains(&"m-5".to_string()));
+        assert!(matches!(out.errors[0], StompError::Broker { .. }));
+        // Does the connection survive?
+        let alive = conn.read_frame(Duration::from_millis(500));
+        eprintln!("after the batch: {alive:?}");
+        // Drain what was delivered.
+        cleanup(&dest, out.receipted.len());
+    }
+
+    /// Consumes `n` messages from `dest` (a queue this test created) with auto ack.
+    fn cleanup(dest: &str, n: usize) {
+        let mut conn = Connection::open(&cfg(), BROKER).unwrap();
+        conn.queue(
+            &Frame::new(Command::Subscribe)
+                .header("id", "0")
+                .header("destination", dest)
+                .header("ack", "auto"),
+        )
+        .unwrap();
+        conn.flush().unwrap();
+        for _ in 0..n {
+            if conn.read_frame(Duration::from_secs(5)).unwrap().is_none() {
+                break;
+            }
+        }
+        conn.disconnect(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn header_injection_round_trip_through_broker() {
+        if !broker_up() {
+            return;
+        }
+        let dest = unique("inject");
+        let mut conn = Connection::open(&cfg(), BROKER).unwrap();
+        let evil = "x\ndestination:/queue/evil\n\nSEND\ndestination:/queue/evil2\n\nboom\\c:";
+        conn.queue(
+            &Frame::new(Command::Subscribe)
+                .header("id", "sub-0")
+                .header("destination", dest.as_str())
+                .header("ack", "client-individual")
+                .header("receipt", "sub"),
+        )
+        .unwrap();
+        conn.flush().unwrap();
+        let r = conn.read_frame(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(r.get("receipt-id"), Some("sub"));
+        let body = b"binary\0body\nwith NUL".to_vec();
+        let frames = vec![
+            Frame::new(Command::Send)
+                .header("destination", dest.as_str())
+                .header("x-evil", evil)
+                .header("x:colon\nname", "v")
+                .header("receipt", "s-1")
+                .body(body.clone()),
+        ];
+        let out = send_batch(&mut conn, &frames, Duration::from_secs(5));
+        assert!(out.all_ok(), "{:?}", out.errors);
+        let m = conn.read_frame(Duration::from_secs(5)).unwrap().unwrap();
+        eprintln!("message headers from broker: {:#?}", m.headers);
+        assert_eq!(m.command, Command::Message);
+        assert_eq!(m.get("x-evil"), Some(evil));
+        assert_eq!(m.get("x:colon\nname"), Some("v"));
+        assert_eq!(m.get("destination"), Some(dest.as_str()));
+        assert_eq!(m.body, body);
+        // client-individual ack: the `ack` header equals message-id on RabbitMQ.
+        let ack = m.get("ack").expect("ack header").to_string();
+        assert_eq!(Some(ack.as_str()), m.get("message-id"));
+        conn.queue(
+            &Frame::new(Command::Ack)
+                .header("id", ack.as_str())
+                .header("receipt", "ack-1"),
+        )
+        .unwrap();
+        conn.flush().unwrap();
+        let r = conn.read_frame(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(r.command, Command::Receipt);
+        assert_eq!(r.get("receipt-id"), Some("ack-1"));
+        // Nothing else (no injected frame) arrives.
+        assert!(conn.read_frame(Duration::from_millis(300)).unwrap().is_none());
+        conn.disconnect(Duration::from_secs(5)).unwrap();
+        // The ACKed message is gone: a new subscriber gets nothing.
+        let mut c2 = Connection::open(&cfg(), BROKER).unwrap();
+        c2.queue(
+            &Frame::new(Command::Subscribe)
+                .header("id", "0")
+                .header("destination", dest.as_str()),
+        )
+        .unwrap();
+        c2.flush().unwrap();
+        assert!(c2.read_frame(Duration::from_millis(500)).unwrap().is_none());
+        c2.disconnect(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn heartbeats_keep_idle_connection_alive() {
+        if !broker_up() {
+            return;
+        }
+        let mut c = cfg();
+        c.heartbeat = (1000, 1000);
+        let mut conn = Connection::open(&c, BROKER).unwrap();
+        eprintln!("negotiated heart-beats: {:?}", conn.heartbeats());
+        let (send, recv) = conn.heartbeats();
+        assert!(send.is_some() && recv.is_some());
+        let start = Instant::now();
+        let mut calls = 0;
+        while start.elapsed() < Duration::from_secs(3) {
+            let due = conn.keepalive_due_in().expect("heart-beats on");
+            assert!(due <= Duration::from_secs(4));
+            std::thread::sleep(due.min(Duration::from_millis(400)));
+            conn.keepalive().unwrap();
+            calls += 1;
+        }
+        assert!(!conn.has_buffered());
+        eprintln!("{calls} keepalive calls in 3 s");
+        // Still usable.
+        let dest = unique("hb");
+        let out = send_batch(&mut conn, &[send_to(&dest)], Duration::from_secs(5));
+        assert!(out.all_ok(), "{:?}", out.errors);
+        // And read_frame alone also keeps it alive (it sends heart-beats while waiting).
+        assert!(conn.read_frame(Duration::from_secs(3)).unwrap().is_none());
+        conn.disconnect(Duration::from_secs(5)).unwrap();
+        cleanup(&dest, 1);
+    }
+
+    fn send_to(dest: &str) -> Frame {
+        send(dest, "hb-1")
+    }
+
+    #[test]
+    fn silent_broker_is_detected() {
+        // A fake broker that answers CONNECT with heart-beats on, then goes silent.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            s.write_all(b"CONNECTED\nversion:1.2\nheart-beat:200,200\nserver:fake/1\n\n\0")
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let mut c = cfg();
+        c.heartbeat = (200, 200);
+        let mut conn = Connection::open(&c, &addr).unwrap();
+        assert_eq!(conn.server(), Some("fake/1"));
+        let t = Instant::now();
+        let err = conn.read_frame(Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, StompError::Timeout("heart-beat")), "{err:?}");
+        let e = t.elapsed();
+        assert!(e >= Duration::from_millis(1300) && e < Duration::from_millis(2500), "{e:?}");
+        assert!(matches!(conn.keepalive(), Err(StompError::Timeout("heart-beat"))));
+        drop(conn);
+        h.join().unwrap();
+    }
+}

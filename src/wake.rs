@@ -1,0 +1,109 @@
+//! Waking the publisher at commit.
+//!
+//! Vocabulary: the *shared state* lives in shared memory (present only when
+//! the library is preloaded) and holds the publisher worker's pid; a backend
+//! that wrote outbox rows is *armed* for the rest of its transaction, and
+//! when that transaction commits it sets the publisher's latch, so delivery
+//! starts at once instead of at the next `outbox.poll_interval`.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{PGRXSharedMemory, PgAtomic};
+
+/// Process-wide state shared by the workers and the backends.
+#[derive(Default)]
+pub struct Shared {
+    /// pid of the running publisher worker, 0 when none runs.
+    pub publisher_pid: AtomicI32,
+}
+
+// SAFETY: only atomics, no pointers.
+unsafe impl PGRXSharedMemory for Shared {}
+
+pub static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"outbox_pg_shared") };
+
+thread_local! {
+    static PRELOADED: Cell<bool> = const { Cell::new(false) };
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+    static CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from `_PG_init` while `shared_preload_libraries` is processed.
+pub fn init_shared_memory() {
+    PRELOADED.with(|p| p.set(true));
+    pgrx::pg_shmem_init!(SHARED);
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.with(|p| p.get())
+}
+
+/// The shared state, when the library was preloaded.
+pub fn shared() -> Option<&'static Shared> {
+    preloaded().then(|| SHARED.get())
+}
+
+/// Marks the current transaction as having written outbox rows. The first
+/// time in a transaction, also warns when nothing will deliver them.
+pub fn arm() {
+    if ARMED.with(|a| a.replace(true)) {
+        return;
+    }
+    if !CALLBACK.with(|c| c.replace(true)) {
+        unsafe { pg_sys::RegisterXactCallback(Some(at_xact_end), std::ptr::null_mut()) };
+    }
+    if !preloaded() {
+        warning!(
+            "outbox_pg is not in shared_preload_libraries: no worker will deliver this message until it is"
+        );
+    } else if let Some(serving) = serving_other_database() {
+        warning!("outbox.database is \"{serving}\": no worker delivers messages written in this database");
+    }
+}
+
+/// The database the workers serve, when it is not the current one.
+fn serving_other_database() -> Option<String> {
+    let serving = crate::guc::text(&crate::guc::DATABASE);
+    let here = unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+    };
+    (serving != here).then_some(serving)
+}
+
+/// Sets the publisher's latch, if a publisher runs.
+pub fn wake_publisher() {
+    let Some(shared) = shared() else { return };
+    let pid = shared.publisher_pid.load(Ordering::Acquire);
+    if pid <= 0 {
+        return;
+    }
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        if !proc_.is_null() {
+            pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn at_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if ARMED.with(|a| a.replace(false)) {
+                wake_publisher();
+            }
+        }
+        // A prepared transaction commits in another session: the worker's
+        // poll finds its rows.
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => ARMED.with(|a| a.set(false)),
+        _ => {}
+    }
+}
