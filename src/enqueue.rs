@@ -107,13 +107,13 @@ pub fn write(m: &Message) -> uuid::Uuid {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             pgrx::error!("outbox: could not connect to SPI");
         }
-        let plan = plan();
         // Write as the table's owner: publishers need EXECUTE on the API,
         // not INSERT on the table (so they cannot forge rows). An error
         // aborts the transaction, which restores the user id.
         let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
         pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
         pg_sys::SetUserIdAndSecContext(owner(), sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        let plan = plan();
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         pg_sys::SetUserIdAndSecContext(user, sec);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
@@ -156,13 +156,10 @@ unsafe fn owner() -> pg_sys::Oid {
         return cached;
     }
     unsafe {
-        let rel = pg_sys::RangeVarGetRelidExtended(
-            pg_sys::makeRangeVar(c"outbox".as_ptr().cast_mut(), c"published".as_ptr().cast_mut(), -1),
-            pg_sys::NoLock as i32,
-            0,
-            None,
-            std::ptr::null_mut(),
-        );
+        // Catalog lookups without ACL checks: the caller may lack USAGE on
+        // the schema, and needs none.
+        let nsp = pg_sys::get_namespace_oid(c"outbox".as_ptr(), false);
+        let rel = pg_sys::get_relname_relid(c"published".as_ptr(), nsp);
         let relation = pg_sys::RelationIdGetRelation(rel);
         let owner = (*(*relation).rd_rel).relowner;
         pg_sys::RelationClose(relation);

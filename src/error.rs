@@ -45,6 +45,8 @@ pub enum TriggerProblem {
     MalformedOption(String),
     #[error("option \"{0}\" given twice")]
     DuplicateOption(String),
+    #[error("option \"{0}\" has no value")]
+    EmptyOption(String),
     #[error("headers option is not valid JSON: {0}")]
     HeadersJson(String),
     #[error("unknown field \"{0}\"")]
@@ -61,7 +63,7 @@ pub enum TriggerProblem {
     StatementLevel,
     #[error("outbox.publish() must be fired AFTER the row change")]
     NotAfter,
-    #[error("outbox.publish() called outside a trigger without arguments")]
+    #[error("called outside a trigger without arguments")]
     NotTrigger,
 }
 
@@ -85,7 +87,8 @@ impl OutboxError {
 
     pub fn hint(&self) -> Option<String> {
         let hint = match self {
-            OutboxError::Null { .. } => "Pass a value, or omit the argument to use its default.",
+            OutboxError::Null { what: "body" } => "Pass a jsonb value; a JSON null is written as 'null'::jsonb.",
+            OutboxError::Null { .. } => "Pass a value.",
             OutboxError::Destination(_) | OutboxError::EmptyDestination => {
                 "A STOMP destination starts with \"/\", for example \"/topic/orders\" or \"/queue/billing\"."
             }
@@ -123,7 +126,10 @@ impl TriggerProblem {
                 "Pass the destination as the first argument: EXECUTE FUNCTION outbox.publish('/topic/orders')."
             }
             TriggerProblem::Input(inner) => return inner.hint(),
-            TriggerProblem::UnknownOption(_) | TriggerProblem::MalformedOption(_) | TriggerProblem::DuplicateOption(_) => {
+            TriggerProblem::UnknownOption(_)
+            | TriggerProblem::MalformedOption(_)
+            | TriggerProblem::DuplicateOption(_)
+            | TriggerProblem::EmptyOption(_) => {
                 "Options after the destination are fields=a,b, version=v1, serializer=schema.function and headers={...}."
             }
             TriggerProblem::HeadersJson(_) => "Write the headers option as headers={\"name\":\"value\"}.",

@@ -21,7 +21,7 @@ pub static STOMP_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 pub static STOMP_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static STOMP_CA_CERTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static STOMP_QUEUE_HEADERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(
-    c r#"{"durable":"true","auto-delete":"false","prefetch-count":"100"}"#,
+    cr#"{"durable":"true","auto-delete":"false","prefetch-count":"100"}"#,
 ));
 pub static STOMP_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static MAXIMUM_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
@@ -43,7 +43,22 @@ pub fn init() {
     let none = GucFlags::default();
     let sighup = || GucContext::Sighup;
 
-    string(c"outbox.database", c"Database the outbox workers serve.", &DATABASE, GucContext::Postmaster, none);
+    // Postgres accepts PGC_POSTMASTER settings only while preloading; a
+    // backend that loads the library later has no workers to configure.
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    if preloading {
+        string(c"outbox.database", c"Database the outbox workers serve.", &DATABASE, GucContext::Postmaster, none);
+        GucRegistry::define_int_guc(
+            c"outbox.max_consumers",
+            c"Most consumer workers that may run at once.",
+            c"",
+            &MAX_CONSUMERS,
+            0,
+            1024,
+            GucContext::Postmaster,
+            none,
+        );
+    }
     string(
         c"outbox.stomp_hosts",
         c"Comma-separated broker host:port list, tried in turn (failover).",
@@ -141,16 +156,6 @@ pub fn init() {
         10,
         i32::MAX,
         ms,
-    );
-    GucRegistry::define_int_guc(
-        c"outbox.max_consumers",
-        c"Most consumer workers that may run at once.",
-        c"",
-        &MAX_CONSUMERS,
-        0,
-        1024,
-        GucContext::Postmaster,
-        none,
     );
     int(
         c"outbox.max_message_bytes",

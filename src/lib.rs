@@ -18,7 +18,6 @@ mod tests;
 pgrx::extension_sql_file!("../sql/outbox_pg.sql", name = "outbox_pg", bootstrap);
 
 #[pgrx::pg_guard]
-#[unsafe(no_mangle)]
 pub extern "C-unwind" fn _PG_init() {
     if unsafe { pgrx::pg_sys::IsBinaryUpgrade } {
         return;

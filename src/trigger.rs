@@ -184,10 +184,10 @@ impl Spec {
             names
         });
         if matches!(&fields, Some(f) if f.is_empty()) {
-            return Err(TriggerProblem::MalformedOption("fields=".into()));
+            return Err(TriggerProblem::EmptyOption("fields".into()));
         }
         if matches!(&serializer, Some(s) if s.is_empty()) {
-            return Err(TriggerProblem::MalformedOption("serializer=".into()));
+            return Err(TriggerProblem::EmptyOption("serializer".into()));
         }
         Ok(Spec { args, wire, version, headers, fields, serializer, shape: Shape::Unresolved })
     }
@@ -234,7 +234,7 @@ impl Spec {
                 Shape::Unresolved => false,
                 Shape::Row => true,
                 Shape::Projection(p) => p.columns.iter().all(|(attnum, name, typ)| {
-                    column(desc, *attnum).is_some_and(|(n, t)| n == name && t == *typ)
+                    column(desc, *attnum).is_some_and(|(n, t)| &n == name && t == *typ)
                 }),
                 Shape::Serializer(s) => {
                     s.rowtype == (*(*rel).rd_rel).reltype
@@ -291,11 +291,23 @@ unsafe fn column(desc: pg_sys::TupleDesc, attnum: i16) -> Option<(String, pg_sys
         if attnum < 1 || attnum as i32 > (*desc).natts {
             return None;
         }
-        let att = &*pg_sys::TupleDescAttr(desc, (attnum - 1) as i32);
+        let att = &*attribute(desc, (attnum - 1) as usize);
         if att.attisdropped {
             return None;
         }
         Some((CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned(), att.atttypid))
+    }
+}
+
+/// The i-th (0-based) attribute of a tuple descriptor.
+unsafe fn attribute(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormData_pg_attribute {
+    #[cfg(feature = "pg18")]
+    unsafe {
+        pg_sys::TupleDescAttr(desc, i as i32)
+    }
+    #[cfg(not(feature = "pg18"))]
+    unsafe {
+        (*desc).attrs.as_ptr().add(i)
     }
 }
 

@@ -446,8 +446,7 @@ impl Decoder {
                             None => None,
                             Some(v) => {
                                 let t = v.trim_matches(|c| c == ' ' || c == '\t');
-                                let n = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())
-                                {
+                                let n = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
                                     t.parse::<usize>().ok()
                                 } else {
                                     None
@@ -455,9 +454,7 @@ impl Decoder {
                                 let n =
                                     n.ok_or_else(|| FrameError::BadContentLength(v.to_string()))?;
                                 // Body, then NUL, must fit in the limit.
-                                if n >= self.max_frame_bytes
-                                    || after + n >= self.max_frame_bytes
-                                {
+                                if n >= self.max_frame_bytes || after + n >= self.max_frame_bytes {
                                     return Err(self.too_large());
                                 }
                                 Some(n)
@@ -582,7 +579,11 @@ mod tests {
         }
     }
 
-    fn decode_chunked(input: &[u8], cuts: &[usize], max: usize) -> (Vec<Decoded>, Option<FrameError>) {
+    fn decode_chunked(
+        input: &[u8],
+        cuts: &[usize],
+        max: usize,
+    ) -> (Vec<Decoded>, Option<FrameError>) {
         let mut d = Decoder::new(max);
         let mut items = Vec::new();
         let mut points: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
@@ -675,12 +676,18 @@ mod tests {
     fn escaping_both_ways() {
         let f = Frame::new(Command::Message).header("a:b\\c", "x\ny\rz:w\\");
         let wire = enc(&f);
-        assert_eq!(wire, b"MESSAGE\na\\cb\\\\c:x\\ny\\rz\\cw\\\\\n\n\0".to_vec());
+        assert_eq!(
+            wire,
+            b"MESSAGE\na\\cb\\\\c:x\\ny\\rz\\cw\\\\\n\n\0".to_vec()
+        );
         assert_eq!(frames_only(decode_all(&wire, MAX).0), vec![f]);
         // Decoding of all defined escapes.
         let (items, err) = decode_all(b"MESSAGE\nk\\c\\n:\\\\\\r\\c\\n\n\n\0", MAX);
         assert_eq!(err, None);
-        assert_eq!(frames_only(items)[0].headers, vec![("k:\n".into(), "\\\r:\n".into())]);
+        assert_eq!(
+            frames_only(items)[0].headers,
+            vec![("k:\n".into(), "\\\r:\n".into())]
+        );
     }
 
     #[test]
@@ -835,7 +842,10 @@ mod tests {
 
     #[test]
     fn content_length_and_nul_bodies() {
-        let (items, err) = decode_all(b"MESSAGE\ncontent-length:5\n\n\0\0x\0\0\0MESSAGE\n\nplain\0", MAX);
+        let (items, err) = decode_all(
+            b"MESSAGE\ncontent-length:5\n\n\0\0x\0\0\0MESSAGE\n\nplain\0",
+            MAX,
+        );
         assert_eq!(err, None);
         let fs = frames_only(items);
         assert_eq!(fs[0].body, b"\0\0x\0\0".to_vec());
@@ -912,10 +922,15 @@ mod tests {
 
     #[test]
     fn malformed_input_errors() {
-        let cases: &[(&[u8], fn(&FrameError) -> bool)] = &[
+        type Check = fn(&FrameError) -> bool;
+        let cases: &[(&[u8], Check)] = &[
             (b"FOO\n\n\0", |e| matches!(e, FrameError::UnknownCommand(_))),
-            (b"send\n\n\0", |e| matches!(e, FrameError::UnknownCommand(_))),
-            (b"\xff\n\n\0", |e| matches!(e, FrameError::UnknownCommand(_))),
+            (b"send\n\n\0", |e| {
+                matches!(e, FrameError::UnknownCommand(_))
+            }),
+            (b"\xff\n\n\0", |e| {
+                matches!(e, FrameError::UnknownCommand(_))
+            }),
             (b"SEND\nnocolon\n\n\0", |e| {
                 matches!(e, FrameError::MalformedHeader(_))
             }),
@@ -982,7 +997,10 @@ mod tests {
                     let (n, v) = if command.escapes_headers() {
                         (n, v)
                     } else {
-                        (n.replace([':', '\n', '\r'], "_"), v.replace(['\n', '\r'], "_"))
+                        (
+                            n.replace([':', '\n', '\r'], "_"),
+                            v.replace(['\n', '\r'], "_"),
+                        )
                     };
                     f = f.header(n, v);
                 }

@@ -1,0 +1,1 @@
+//! The broker side of the tests (filled in with the STOMP client).
