@@ -2,13 +2,16 @@
 //! inside PostgreSQL. This file only wires the modules together.
 
 mod api;
+mod broker;
 mod enqueue;
 mod error;
 mod fmgr;
 mod guc;
 mod headers;
+mod stomp;
 mod trigger;
 mod wake;
+mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
@@ -25,6 +28,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         wake::init_shared_memory();
+        worker::register();
     }
 }
 

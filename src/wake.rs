@@ -7,7 +7,7 @@
 //! starts at once instead of at the next `outbox.poll_interval`.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -18,6 +18,12 @@ use pgrx::{PGRXSharedMemory, PgAtomic};
 pub struct Shared {
     /// pid of the running publisher worker, 0 when none runs.
     pub publisher_pid: AtomicI32,
+    /// Commits of transactions that published, since start.
+    pub commits: AtomicU64,
+    /// Commits the publisher has already looked at.
+    pub commits_seen: AtomicU64,
+    /// Messages the publisher delivered (receipted), since start.
+    pub sent: AtomicU64,
 }
 
 // SAFETY: only atomics, no pointers.
@@ -77,9 +83,18 @@ fn serving_other_database() -> Option<String> {
     (serving != here).then_some(serving)
 }
 
+/// Whether transactions that published committed since the last call
+/// (the publisher's check before it looks at the table).
+pub fn take_commits() -> bool {
+    let s = SHARED.get();
+    let now = s.commits.load(Ordering::Acquire);
+    s.commits_seen.swap(now, Ordering::AcqRel) != now
+}
+
 /// Sets the publisher's latch, if a publisher runs.
 pub fn wake_publisher() {
     let Some(shared) = shared() else { return };
+    shared.commits.fetch_add(1, Ordering::AcqRel);
     let pid = shared.publisher_pid.load(Ordering::Acquire);
     if pid <= 0 {
         return;

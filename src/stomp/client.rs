@@ -628,7 +628,8 @@ impl Connection {
             }
             // Send buffer full: the broker is not reading; try again next time.
             Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(()),
-            Err(e) if is_closed(&e) => Err(StompError::Closed),
+            // The read that follows drains what the broker sent (an ERROR?) and reports EOF.
+            Err(e) if is_closed(&e) => Ok(()),
             Err(e) => Err(StompError::Io(e)),
         }
     }

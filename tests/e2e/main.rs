@@ -2,6 +2,7 @@
 //! preloaded) and, for delivery, the machine's real STOMP broker.
 
 mod api;
+mod delivery;
 mod regress;
 
 use std::sync::OnceLock;

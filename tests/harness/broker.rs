@@ -1,1 +1,120 @@
-//! The broker side of the tests (filled in with the STOMP client).
+//! The broker side of the tests: the machine's RabbitMQ (STOMP on
+//! 127.0.0.1:61613), a plain STOMP subscriber to see what arrived, and a
+//! lock that keeps tests which stop the broker away from the others.
+
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)]
+#[path = "../../src/stomp/mod.rs"]
+pub mod stomp;
+
+use stomp::client::{Config, Connection};
+use stomp::frame::{Command, Frame};
+
+pub const STOMP: &str = "127.0.0.1:61613";
+
+static BROKER: RwLock<()> = RwLock::new(());
+
+/// Held by tests that need the broker up.
+pub fn shared_broker() -> RwLockReadGuard<'static, ()> {
+    BROKER.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by tests that stop or restart the broker.
+pub fn exclusive_broker() -> RwLockWriteGuard<'static, ()> {
+    BROKER.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn config() -> Config {
+    Config {
+        hosts: vec![STOMP.into()],
+        login: "guest".into(),
+        passcode: "guest".into(),
+        vhost: "/".into(),
+        heartbeat: (0, 0),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A subscriber on one destination (auto ack).
+pub struct Subscriber {
+    conn: Connection,
+}
+
+impl Subscriber {
+    /// Subscribes and waits for the broker's receipt, so that nothing
+    /// published afterwards is missed (topics keep nothing for absentees).
+    pub fn new(destination: &str) -> Subscriber {
+        Subscriber::with_headers(destination, &[])
+    }
+
+    pub fn with_headers(destination: &str, extra: &[(&str, &str)]) -> Subscriber {
+        let mut conn = crate::wait_for("the broker", Duration::from_secs(60), || Connection::open(&config(), STOMP).ok());
+        let mut f = Frame::new(Command::Subscribe)
+            .header("id", "0")
+            .header("destination", destination)
+            .header("ack", "auto")
+            .header("receipt", "sub");
+        for (k, v) in extra {
+            f = f.header(*k, *v);
+        }
+        conn.queue(&f).unwrap();
+        conn.flush().unwrap();
+        let r = conn.read_frame(Duration::from_secs(10)).expect("subscribe receipt").expect("a frame");
+        assert_eq!(r.command, Command::Receipt, "subscribe answered {r:?}");
+        Subscriber { conn }
+    }
+
+    /// The next MESSAGE, or None after `timeout`.
+    pub fn next(&mut self, timeout: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.conn.read_frame(left) {
+                Ok(Some(f)) if f.command == Command::Message => return Some(f),
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => panic!("subscriber: {e}"),
+            }
+        }
+    }
+
+    /// Exactly `n` messages (panics if fewer arrive within `timeout`).
+    pub fn take(&mut self, n: usize, timeout: Duration) -> Vec<Frame> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            match self.next(deadline.saturating_duration_since(Instant::now())) {
+                Some(f) => got.push(f),
+                None => panic!("received {} of {n} messages within {timeout:?}", got.len()),
+            }
+        }
+        got
+    }
+}
+
+/// Runs `rabbitmqctl` with the given arguments (as root, or through sudo).
+pub fn rabbitmqctl(args: &[&str]) {
+    let mut cmd = if unsafe { geteuid() } == 0 {
+        std::process::Command::new("rabbitmqctl")
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("rabbitmqctl");
+        c
+    };
+    let out = cmd.args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// Waits until the broker accepts STOMP connections again.
+pub fn wait_until_up() {
+    crate::wait_for("the broker's STOMP port", Duration::from_secs(60), || Connection::open(&config(), STOMP).ok());
+}

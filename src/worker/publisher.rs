@@ -1,0 +1,405 @@
+//! The publisher: delivers committed outbox rows to the broker.
+//!
+//! Vocabulary: a *batch* is up to `outbox.batch_size` due scheduled rows in
+//! id order, claimed `FOR UPDATE SKIP LOCKED` in one short transaction,
+//! sent as pipelined SEND frames that each ask for a *receipt*, and marked
+//! `published` only for the receipts that came back. A *refusal* is a broker
+//! ERROR for one frame (a poison message): that row's `retry` grows on the
+//! schedule of `outbox.pause_for_retry`/`outbox.wait_retry` until it is
+//! `failed`. A *connection failure* (broker down, login refused, connection
+//! closed) touches no row: the worker reconnects with backoff. When an
+//! ERROR cannot be pinned on one frame (the broker closed the connection
+//! and took earlier receipts with it), the unreceipted rows are *isolated*:
+//! sent one per batch until the culprit shows itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::Spi;
+
+use crate::broker::{self, Backoff};
+use crate::guc;
+use crate::stomp::client::{Config, Connection, StompError, send_batch};
+use crate::wake;
+
+/// With nothing scheduled, the worker only wakes at commits; it still looks
+/// at the table this often (prepared transactions commit without waking it).
+const SAFETY_POLL: Duration = Duration::from_secs(60);
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::text(&guc::DATABASE);
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let shared = wake::SHARED.get();
+    shared.publisher_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    log!("outbox publisher started for database \"{database}\"");
+
+    let mut p = Publisher::new();
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            p.reload();
+        }
+        let wait = p.step();
+        if !wait.is_zero() && !BackgroundWorker::wait_latch(Some(wait)) {
+            break;
+        }
+    }
+    p.disconnect();
+    shared.publisher_pid.store(0, Ordering::Release);
+    log!("outbox publisher stopped");
+}
+
+/// One claimed row.
+struct Row {
+    id: i64,
+    destination: String,
+    headers: String,
+    body: String,
+}
+
+/// What one batch did to the rows it claimed.
+#[derive(Default)]
+struct Verdict {
+    published: Vec<i64>,
+    refused: Vec<(i64, String)>,
+    /// The connection is gone (rows not receipted stay untouched).
+    lost: Option<String>,
+    /// Rows whose fate is unknown after an unattributable ERROR.
+    isolate: Vec<i64>,
+}
+
+struct Publisher {
+    config: Config,
+    conn: Option<Connection>,
+    backoff: Backoff,
+    reconnect_at: Option<Instant>,
+    /// Next host to try (failover rotates through `outbox.stomp_hosts`).
+    next_host: usize,
+    /// The last connection problem logged, so each is logged once.
+    logged: Option<String>,
+    /// Rows with id up to this one are sent one per batch.
+    isolate_upto: Option<i64>,
+    /// When the table was last looked at, and whether due-later rows remain.
+    last_query: Option<Instant>,
+    next_due: Option<Instant>,
+    idle: bool,
+}
+
+impl Publisher {
+    fn new() -> Publisher {
+        Publisher {
+            config: broker::config(),
+            conn: None,
+            backoff: Backoff::default(),
+            reconnect_at: None,
+            next_host: 0,
+            logged: None,
+            isolate_upto: None,
+            last_query: None,
+            next_due: None,
+            idle: false,
+        }
+    }
+
+    fn reload(&mut self) {
+        let config = broker::config();
+        if config != self.config {
+            log!("outbox publisher: broker settings changed, reconnecting");
+            self.config = config;
+            self.disconnect();
+            self.reconnect_at = None;
+            self.backoff.reset();
+            self.next_host = 0;
+        }
+        // Anything may have changed (batch size, retry schedule): look again.
+        self.idle = false;
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.disconnect(Duration::from_millis(500));
+        }
+    }
+
+    /// Does one unit of work; returns how long to sleep (zero: go on).
+    fn step(&mut self) -> Duration {
+        let poll = Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(1) as u64);
+        if self.idle && !self.should_look(poll) {
+            return self.idle_wait(poll);
+        }
+        if !extension_ready() {
+            self.idle = false;
+            return poll;
+        }
+        if self.conn.is_none() {
+            if let Some(at) = self.reconnect_at {
+                let now = Instant::now();
+                if at > now {
+                    return at - now;
+                }
+            }
+            if !self.connect() {
+                return self.reconnect_at.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or(poll);
+            }
+        }
+        match self.batch() {
+            Some(0) => {
+                self.idle = true;
+                self.idle_wait(poll)
+            }
+            Some(_) => Duration::ZERO,
+            // The connection was lost: reconnect after the backoff.
+            None => self.reconnect_at.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or(Duration::ZERO),
+        }
+    }
+
+    /// Whether an idle worker should look at the table now.
+    fn should_look(&self, poll: Duration) -> bool {
+        let now = Instant::now();
+        // The latch was set (a commit) if we were woken before the timeout:
+        // wait_latch does not say, so any wake-up before the deadline counts.
+        self.next_due.is_some_and(|d| d <= now)
+            || self.last_query.is_none_or(|q| now - q >= SAFETY_POLL.max(poll))
+            || wake::take_commits()
+    }
+
+    fn idle_wait(&mut self, poll: Duration) -> Duration {
+        if let Some(c) = self.conn.as_mut()
+            && let Err(e) = c.keepalive()
+        {
+            let why = format!("connection to {} lost while idle: {e}", c.host());
+            self.lost(why);
+        }
+        let mut wait = SAFETY_POLL.max(poll);
+        if let Some(d) = self.next_due {
+            wait = wait.min(d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+        }
+        if let Some(k) = self.conn.as_ref().and_then(|c| c.keepalive_due_in()) {
+            wait = wait.min(k.max(Duration::from_millis(1)));
+        }
+        wait
+    }
+
+    fn connect(&mut self) -> bool {
+        let hosts = self.config.hosts.clone();
+        if hosts.is_empty() {
+            self.problem("outbox.stomp_hosts is empty".into());
+            self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
+            return false;
+        }
+        let host = &hosts[self.next_host % hosts.len()];
+        match Connection::open(&self.config, host) {
+            Ok(c) => {
+                if self.logged.take().is_some() {
+                    log!("outbox publisher: connected to broker at {host}");
+                } else {
+                    debug1!("outbox publisher: connected to broker at {host}");
+                }
+                self.conn = Some(c);
+                self.backoff.reset();
+                self.reconnect_at = None;
+                true
+            }
+            Err(e) => {
+                self.next_host = (self.next_host + 1) % hosts.len();
+                self.problem(format!("could not connect to broker at {host}: {e}"));
+                self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
+                false
+            }
+        }
+    }
+
+    /// Logs a connection problem once per distinct problem.
+    fn problem(&mut self, what: String) {
+        // Ports and addresses differ per host; log again only when the
+        // kind of failure changes.
+        if self.logged.as_deref() != Some(what.as_str()) {
+            warning!("outbox publisher: {what}");
+            self.logged = Some(what);
+        }
+    }
+
+    fn lost(&mut self, why: String) {
+        self.conn = None;
+        self.next_host = (self.next_host + 1) % self.config.hosts.len().max(1);
+        self.problem(why);
+        self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
+    }
+
+    /// One batch in one transaction. Some(n): n rows claimed; None: the
+    /// connection was lost.
+    fn batch(&mut self) -> Option<usize> {
+        let batch_size = guc::BATCH_SIZE.get().max(1) as i64;
+        let limit = if self.isolate_upto.is_some() { 1 } else { batch_size };
+        let receipt_timeout = self.config.connect_timeout.max(Duration::from_secs(5));
+        let conn = self.conn.as_mut().expect("connected");
+        let mut isolate_upto = self.isolate_upto;
+
+        // AssertUnwindSafe: an error here ends the worker (it restarts), so
+        // no broken state survives an unwind.
+        let (claimed, verdict, next_due) = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+            let rows = claim(limit);
+            let verdict = if rows.is_empty() { Verdict::default() } else { deliver(conn, &rows, receipt_timeout) };
+            record(&verdict);
+            if let (Some(upto), Some(last)) = (isolate_upto, rows.last())
+                && last.id >= upto
+                && verdict.isolate.is_empty()
+            {
+                isolate_upto = None;
+            }
+            let next_due = if (rows.len() as i64) < limit { seconds_to_next_due() } else { None };
+            (rows.len(), verdict, next_due)
+        }));
+        self.last_query = Some(Instant::now());
+        self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        if let Some(max) = verdict.isolate.iter().max() {
+            isolate_upto = Some(isolate_upto.map_or(*max, |u| u.max(*max)));
+        }
+        self.isolate_upto = isolate_upto;
+        let sent = verdict.published.len() as u64;
+        wake::SHARED.get().sent.fetch_add(sent, Ordering::Relaxed);
+        if let Some(why) = verdict.lost {
+            let host = self.conn.as_ref().map(|c| c.host().to_string()).unwrap_or_default();
+            self.lost(format!("connection to {host} lost: {why}"));
+            return None;
+        }
+        Some(claimed)
+    }
+}
+
+/// Whether `outbox.published` exists in this database (the extension may
+/// not be created yet, or may have been dropped).
+fn extension_ready() -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('outbox.published') IS NOT NULL")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    })
+}
+
+fn claim(limit: i64) -> Vec<Row> {
+    // A read-write SPI call: FOR UPDATE is not allowed in a read-only one.
+    Spi::connect_mut(|client| {
+        let rows = client
+            .update(
+                "SELECT id, destination, headers::text, body::text FROM outbox.published \
+                 WHERE status = 'scheduled' AND next_attempt_at <= pg_catalog.now() \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                None,
+                &[DatumWithOid::from(limit)],
+            )
+            .unwrap_or_else(|e| error!("outbox publisher: could not read the outbox: {e}"));
+        rows.map(|r| Row {
+            id: r.get::<i64>(1).ok().flatten().unwrap_or_default(),
+            destination: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+            headers: r.get::<String>(3).ok().flatten().unwrap_or_default(),
+            body: r.get::<String>(4).ok().flatten().unwrap_or_default(),
+        })
+        .collect()
+    })
+}
+
+/// Sends the rows and sorts them by what the broker answered.
+fn deliver(conn: &mut Connection, rows: &[Row], timeout: Duration) -> Verdict {
+    let receipts: HashMap<String, i64> = rows.iter().map(|r| (format!("o-{}", r.id), r.id)).collect();
+    let frames: Vec<_> =
+        rows.iter().map(|r| broker::send_frame(&r.destination, &r.headers, &r.body, &format!("o-{}", r.id))).collect();
+    let outcome = send_batch(conn, &frames, timeout);
+    let mut v = Verdict::default();
+    let mut missing: std::collections::BTreeSet<i64> = rows.iter().map(|r| r.id).collect();
+    for r in &outcome.receipted {
+        if let Some(id) = receipts.get(r) {
+            missing.remove(id);
+            v.published.push(*id);
+        }
+    }
+    let mut unattributed = Vec::new();
+    for e in &outcome.errors {
+        match e {
+            StompError::Broker { receipt_id: Some(r), .. } if receipts.contains_key(r) => {
+                let id = receipts[r];
+                missing.remove(&id);
+                v.refused.push((id, e.to_string()));
+            }
+            StompError::Broker { .. } | StompError::Frame(_) => unattributed.push(e.to_string()),
+            other => v.lost = Some(other.to_string()),
+        }
+    }
+    if !unattributed.is_empty() {
+        if v.lost.is_none() && missing.len() == unattributed.len() {
+            // The connection survived and every other frame was receipted:
+            // the missing ones are the refused ones.
+            for (id, why) in missing.iter().zip(unattributed) {
+                v.refused.push((*id, why));
+            }
+        } else {
+            v.isolate = missing.into_iter().collect();
+            if v.lost.is_none() {
+                v.lost = Some(unattributed.join("; "));
+            }
+        }
+    }
+    v
+}
+
+/// Writes the verdict: published rows, refused rows' retry schedule.
+fn record(v: &Verdict) {
+    Spi::connect_mut(|client| {
+        if !v.published.is_empty() {
+            client
+                .update(
+                    "UPDATE outbox.published SET status = 'published', published_at = pg_catalog.clock_timestamp() \
+                     WHERE id = ANY($1)",
+                    None,
+                    &[DatumWithOid::from(v.published.clone())],
+                )
+                .unwrap_or_else(|e| error!("outbox publisher: could not mark rows published: {e}"));
+        }
+        for (id, why) in &v.refused {
+            let max = guc::MAXIMUM_RETRY_ATTEMPTS.get();
+            let pause = guc::PAUSE_FOR_RETRY_MS.get() as f64 / 1000.0;
+            let wait = guc::WAIT_RETRY_MS.get() as f64 / 1000.0;
+            client
+                .update(
+                    "UPDATE outbox.published SET retry = retry + 1, last_error = $2, \
+                       status = CASE WHEN retry + 1 >= $3 THEN 'failed' ELSE 'scheduled' END::outbox.message_status, \
+                       next_attempt_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => \
+                         CASE WHEN retry + 1 < 2 THEN 0 WHEN retry + 1 = 2 THEN $4 ELSE $5 END) \
+                     WHERE id = $1",
+                    None,
+                    &[
+                        DatumWithOid::from(*id),
+                        DatumWithOid::from(why.as_str()),
+                        DatumWithOid::from(max),
+                        DatumWithOid::from(pause),
+                        DatumWithOid::from(wait),
+                    ],
+                )
+                .unwrap_or_else(|e| error!("outbox publisher: could not record a refusal: {e}"));
+        }
+        for (id, why) in &v.refused {
+            warning!("outbox publisher: broker refused message {id}: {why}");
+        }
+    });
+}
+
+/// Seconds until the earliest scheduled row that is not yet due.
+fn seconds_to_next_due() -> Option<f64> {
+    Spi::get_one::<f64>(
+        "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - pg_catalog.clock_timestamp())::float8 \
+         FROM outbox.published WHERE status = 'scheduled'",
+    )
+    .ok()
+    .flatten()
+}
