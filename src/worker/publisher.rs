@@ -57,6 +57,10 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     p.disconnect();
     shared.publisher_pid.store(0, Ordering::Release);
     log!("outbox publisher stopped");
+    // Exit code 1 asks the postmaster to start the worker again after the
+    // restart time (a terminated publisher comes back); at shutdown it
+    // restarts nothing.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// One claimed row.
@@ -157,7 +161,10 @@ impl Publisher {
                 self.idle = true;
                 self.idle_wait(poll)
             }
-            Some(_) => Duration::ZERO,
+            Some(_) => {
+                self.idle = false;
+                Duration::ZERO
+            }
             // The connection was lost: reconnect after the backoff.
             None => self.reconnect_at.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or(Duration::ZERO),
         }
