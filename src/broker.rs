@@ -41,7 +41,9 @@ pub fn send_frame(destination: &str, headers_json: &str, body: &str, receipt: &s
         .header("destination", destination)
         .header("receipt", receipt)
         .header("persistent", "true");
-    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(headers_json) {
+    if let Ok(serde_json::Value::Object(map)) =
+        serde_json::from_str::<serde_json::Value>(headers_json)
+    {
         for (k, v) in map {
             if let serde_json::Value::String(v) = v
                 && !RESERVED.iter().any(|r| r.eq_ignore_ascii_case(&k))
@@ -73,7 +75,10 @@ impl Backoff {
         self.failures = self.failures.saturating_add(1);
         let base = exp.min(cap);
         // Jitter from the clock's nanoseconds: enough to spread workers apart.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
         let jitter = base.mul_f64(f64::from(nanos % 1000) / 2000.0);
         (base - jitter).max(Duration::from_millis(10))
     }
@@ -92,12 +97,20 @@ mod tests {
 
     #[test]
     fn send_frames_skip_reserved_headers_and_are_persistent() {
-        let f = send_frame("/queue/a", r#"{"dop-msg-id":"m","destination":"/queue/evil","n":"1","x":2}"#, "{}", "r-1");
+        let f = send_frame(
+            "/queue/a",
+            r#"{"dop-msg-id":"m","destination":"/queue/evil","n":"1","x":2}"#,
+            "{}",
+            "r-1",
+        );
         assert_eq!(f.get("destination"), Some("/queue/a"));
         assert_eq!(f.get("persistent"), Some("true"));
         assert_eq!(f.get("dop-msg-id"), Some("m"));
         assert_eq!(f.get("receipt"), Some("r-1"));
-        assert_eq!(f.headers.iter().filter(|(k, _)| k == "destination").count(), 1);
+        assert_eq!(
+            f.headers.iter().filter(|(k, _)| k == "destination").count(),
+            1
+        );
         assert_eq!(f.get("x"), None);
     }
 }

@@ -12,11 +12,14 @@ use crate::headers::{self, Generated};
 
 /// Checks a destination the way a STOMP broker routes it: `/` and a name.
 pub fn check_destination(destination: Option<&str>) -> Result<&str> {
-    let d = destination.ok_or(OutboxError::Null { what: "destination" })?;
+    let d = destination.ok_or(OutboxError::Null {
+        what: "destination",
+    })?;
     if d.is_empty() {
         return Err(OutboxError::EmptyDestination);
     }
-    if !d.starts_with('/') || d.len() < 2 || d.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if !d.starts_with('/') || d.len() < 2 || d.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(OutboxError::Destination(d.to_string()));
     }
     Ok(d)
@@ -77,7 +80,11 @@ pub fn write(m: &Message) -> uuid::Uuid {
     let id_text = id.to_string();
     let headers = headers::stored(
         m.user_headers,
-        &Generated { message_id: &id_text, destination: m.destination, trigger: m.trigger },
+        &Generated {
+            message_id: &id_text,
+            destination: m.destination,
+            trigger: m.trigger,
+        },
     );
     let headers = CString::new(headers).expect("serde_json escapes NUL");
     unsafe {
@@ -169,5 +176,10 @@ unsafe fn owner() -> pg_sys::Oid {
 }
 
 fn text_datum(s: &str) -> pg_sys::Datum {
-    unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr() as *const _, s.len() as i32)) }
+    unsafe {
+        pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+            s.as_ptr() as *const _,
+            s.len() as i32,
+        ))
+    }
 }

@@ -27,7 +27,10 @@ pub enum OutboxError {
     #[error("delay must not be negative")]
     NegativeDelay,
     #[error("{trigger}: {problem}")]
-    Trigger { trigger: String, problem: TriggerProblem },
+    Trigger {
+        trigger: String,
+        problem: TriggerProblem,
+    },
     #[error("{0}")]
     Broker(String),
 }
@@ -87,7 +90,9 @@ impl OutboxError {
 
     pub fn hint(&self) -> Option<String> {
         let hint = match self {
-            OutboxError::Null { what: "body" } => "Pass a jsonb value; a JSON null is written as 'null'::jsonb.",
+            OutboxError::Null { what: "body" } => {
+                "Pass a jsonb value; a JSON null is written as 'null'::jsonb."
+            }
             OutboxError::Null { .. } => "Pass a value.",
             OutboxError::Destination(_) | OutboxError::EmptyDestination => {
                 "A STOMP destination starts with \"/\", for example \"/topic/orders\" or \"/queue/billing\"."
@@ -95,15 +100,21 @@ impl OutboxError {
             OutboxError::HeadersNotObject(_) | OutboxError::HeaderValue { .. } => {
                 "Pass headers as a JSON object of strings, for example '{\"team\": \"billing\"}'."
             }
-            OutboxError::HeaderName(_) => "Header names must be non-empty and must not contain \":\".",
+            OutboxError::HeaderName(_) => {
+                "Header names must be non-empty and must not contain \":\"."
+            }
             OutboxError::ReservedHeader(_) => {
                 "The worker sets destination, content-length, receipt, transaction, message-id, subscription, ack and id itself."
             }
-            OutboxError::TooLarge { .. } => "Send a smaller body, or raise outbox.max_message_bytes.",
+            OutboxError::TooLarge { .. } => {
+                "Send a smaller body, or raise outbox.max_message_bytes."
+            }
             OutboxError::Version(_) => "A version is a non-empty text such as 'v1'.",
             OutboxError::NegativeDelay => "Pass a delay of zero or more, such as '30 seconds'.",
             OutboxError::Trigger { problem, .. } => return problem.hint(),
-            OutboxError::Broker(_) => "Check that the broker is running and outbox.stomp_* point at it.",
+            OutboxError::Broker(_) => {
+                "Check that the broker is running and outbox.stomp_* point at it."
+            }
         };
         Some(hint.to_string())
     }
@@ -132,17 +143,25 @@ impl TriggerProblem {
             | TriggerProblem::EmptyOption(_) => {
                 "Options after the destination are fields=a,b, version=v1, serializer=schema.function and headers={...}."
             }
-            TriggerProblem::HeadersJson(_) => "Write the headers option as headers={\"name\":\"value\"}.",
+            TriggerProblem::HeadersJson(_) => {
+                "Write the headers option as headers={\"name\":\"value\"}."
+            }
             TriggerProblem::UnknownField(_) => "List only columns of the table in fields=.",
             TriggerProblem::NoSerializer(_) | TriggerProblem::SerializerReturns { .. } => {
                 "A serializer takes the table's row type and returns jsonb."
             }
-            TriggerProblem::SerializerPermission(_) => "Grant EXECUTE on the serializer to the role that changes the table.",
-            TriggerProblem::SerializerNull(_) => "Make the serializer return a JSON value for every row.",
+            TriggerProblem::SerializerPermission(_) => {
+                "Grant EXECUTE on the serializer to the role that changes the table."
+            }
+            TriggerProblem::SerializerNull(_) => {
+                "Make the serializer return a JSON value for every row."
+            }
             TriggerProblem::StatementLevel | TriggerProblem::NotAfter => {
                 "Create it with CREATE TRIGGER ... AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION outbox.publish('/topic/x')."
             }
-            TriggerProblem::NotTrigger => "Call outbox.publish(destination, body) or use it in CREATE TRIGGER.",
+            TriggerProblem::NotTrigger => {
+                "Call outbox.publish(destination, body) or use it in CREATE TRIGGER."
+            }
         };
         Some(hint.to_string())
     }

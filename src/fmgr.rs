@@ -10,7 +10,8 @@ macro_rules! finfo_v1 {
         #[unsafe(no_mangle)]
         #[doc(hidden)]
         pub extern "C" fn $finfo() -> &'static ::pgrx::pg_sys::Pg_finfo_record {
-            const V1: ::pgrx::pg_sys::Pg_finfo_record = ::pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            const V1: ::pgrx::pg_sys::Pg_finfo_record =
+                ::pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
             &V1
         }
     };
@@ -21,7 +22,11 @@ pub(crate) use finfo_v1;
 pub unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
     unsafe {
         let args = (*fcinfo).args.as_slice(n + 1);
-        if n >= (*fcinfo).nargs as usize || args[n].isnull { None } else { Some(args[n].value) }
+        if n >= (*fcinfo).nargs as usize || args[n].isnull {
+            None
+        } else {
+            Some(args[n].value)
+        }
     }
 }
 
@@ -43,9 +48,11 @@ pub unsafe fn text_of(d: pg_sys::Datum) -> String {
 /// A jsonb datum as JSON text.
 pub unsafe fn jsonb_text(d: pg_sys::Datum) -> String {
     unsafe {
-        let c: pg_sys::Datum =
-            pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)]).expect("jsonb_out returns text");
-        let s = std::ffi::CStr::from_ptr(c.cast_mut_ptr()).to_string_lossy().into_owned();
+        let c: pg_sys::Datum = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
+            .expect("jsonb_out returns text");
+        let s = std::ffi::CStr::from_ptr(c.cast_mut_ptr())
+            .to_string_lossy()
+            .into_owned();
         s
     }
 }

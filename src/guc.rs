@@ -8,21 +8,28 @@ use std::ffi::{CStr, CString};
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static STOMP_HOSTS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"127.0.0.1:61613"));
-pub static STOMP_USERNAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"guest"));
-pub static STOMP_PASSCODE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"guest"));
-pub static STOMP_VHOST: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"/"));
+pub static STOMP_USERNAME: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"guest"));
+pub static STOMP_PASSCODE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"guest"));
+pub static STOMP_VHOST: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"/"));
 pub static STOMP_HEARTBEATS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"10000,10000"));
 pub static STOMP_USE_SSL: GucSetting<bool> = GucSetting::<bool>::new(false);
-pub static STOMP_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
-pub static STOMP_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
-pub static STOMP_CA_CERTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
-pub static STOMP_QUEUE_HEADERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(
-    cr#"{"durable":"true","auto-delete":"false","prefetch-count":"100"}"#,
-));
+pub static STOMP_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static STOMP_CERT_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static STOMP_CA_CERTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static STOMP_QUEUE_HEADERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(
+    Some(cr#"{"durable":"true","auto-delete":"false","prefetch-count":"100"}"#),
+);
 pub static STOMP_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static MAXIMUM_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 pub static MAXIMUM_RETRY_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(50);
@@ -47,7 +54,13 @@ pub fn init() {
     // backend that loads the library later has no workers to configure.
     let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
     if preloading {
-        string(c"outbox.database", c"Database the outbox workers serve.", &DATABASE, GucContext::Postmaster, none);
+        string(
+            c"outbox.database",
+            c"Database the outbox workers serve.",
+            &DATABASE,
+            GucContext::Postmaster,
+            none,
+        );
         GucRegistry::define_int_guc(
             c"outbox.max_consumers",
             c"Most consumer workers that may run at once.",
@@ -66,7 +79,13 @@ pub fn init() {
         sighup(),
         none,
     );
-    string(c"outbox.stomp_username", c"STOMP login.", &STOMP_USERNAME, sighup(), none);
+    string(
+        c"outbox.stomp_username",
+        c"STOMP login.",
+        &STOMP_USERNAME,
+        sighup(),
+        none,
+    );
     string(
         c"outbox.stomp_passcode",
         c"STOMP passcode (visible to superusers only).",
@@ -74,7 +93,13 @@ pub fn init() {
         sighup(),
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
     );
-    string(c"outbox.stomp_vhost", c"STOMP virtual host (the CONNECT host header).", &STOMP_VHOST, sighup(), none);
+    string(
+        c"outbox.stomp_vhost",
+        c"STOMP virtual host (the CONNECT host header).",
+        &STOMP_VHOST,
+        sighup(),
+        none,
+    );
     string(
         c"outbox.stomp_heartbeats",
         c"STOMP heart-beats in milliseconds: outgoing,incoming (0 turns one off).",
@@ -90,8 +115,20 @@ pub fn init() {
         sighup(),
         none,
     );
-    string(c"outbox.stomp_key_file", c"Client private key (PEM) for TLS.", &STOMP_KEY_FILE, sighup(), none);
-    string(c"outbox.stomp_cert_file", c"Client certificate (PEM) for TLS.", &STOMP_CERT_FILE, sighup(), none);
+    string(
+        c"outbox.stomp_key_file",
+        c"Client private key (PEM) for TLS.",
+        &STOMP_KEY_FILE,
+        sighup(),
+        none,
+    );
+    string(
+        c"outbox.stomp_cert_file",
+        c"Client certificate (PEM) for TLS.",
+        &STOMP_CERT_FILE,
+        sighup(),
+        none,
+    );
     string(
         c"outbox.stomp_ca_certs",
         c"CA certificates (PEM) that sign the broker's certificate.",
@@ -130,8 +167,22 @@ pub fn init() {
         i32::MAX,
         none,
     );
-    int(c"outbox.pause_for_retry", c"Wait before the third attempt.", &PAUSE_FOR_RETRY_MS, 0, i32::MAX, ms);
-    int(c"outbox.wait_retry", c"Wait before each attempt after the third.", &WAIT_RETRY_MS, 0, i32::MAX, ms);
+    int(
+        c"outbox.pause_for_retry",
+        c"Wait before the third attempt.",
+        &PAUSE_FOR_RETRY_MS,
+        0,
+        i32::MAX,
+        ms,
+    );
+    int(
+        c"outbox.wait_retry",
+        c"Wait before each attempt after the third.",
+        &WAIT_RETRY_MS,
+        0,
+        i32::MAX,
+        ms,
+    );
     int(
         c"outbox.days_to_keep_data",
         c"Age in days after which finished rows are deleted.",
@@ -148,7 +199,14 @@ pub fn init() {
         i32::MAX,
         s,
     );
-    int(c"outbox.batch_size", c"Messages sent per batch and transaction.", &BATCH_SIZE, 1, 100_000, none);
+    int(
+        c"outbox.batch_size",
+        c"Messages sent per batch and transaction.",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        none,
+    );
     int(
         c"outbox.poll_interval",
         c"Fallback wake-up of the publisher when no commit woke it.",
@@ -185,10 +243,22 @@ fn int(
     max: i32,
     flags: GucFlags,
 ) {
-    GucRegistry::define_int_guc(name, short, c"", setting, min, max, GucContext::Sighup, flags);
+    GucRegistry::define_int_guc(
+        name,
+        short,
+        c"",
+        setting,
+        min,
+        max,
+        GucContext::Sighup,
+        flags,
+    );
 }
 
 /// The current value of a string setting ('' when unset).
 pub fn text(setting: &GucSetting<Option<CString>>) -> String {
-    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

@@ -56,7 +56,12 @@ pub fn from_json(value: &Value) -> Result<Headers> {
         check_name(name)?;
         match v {
             Value::String(s) => out.push((name.clone(), s.clone())),
-            other => return Err(OutboxError::HeaderValue { name: name.clone(), kind: kind(other) }),
+            other => {
+                return Err(OutboxError::HeaderValue {
+                    name: name.clone(),
+                    kind: kind(other),
+                });
+            }
         }
     }
     Ok(out)
@@ -80,12 +85,18 @@ pub fn stored(user: &[(String, String)], g: &Generated) -> String {
         map.insert(k.clone(), Value::String(v.clone()));
     }
     if !map.contains_key("dop-correlation-id") {
-        map.insert("dop-correlation-id".into(), uuid::Uuid::new_v4().to_string().into());
+        map.insert(
+            "dop-correlation-id".into(),
+            uuid::Uuid::new_v4().to_string().into(),
+        );
     }
     map.insert("dop-msg-id".into(), g.message_id.into());
     map.insert("dop-msg-destination".into(), g.destination.into());
     map.insert("dop-msg-type".into(), "Published".into());
-    map.insert("dop-msg-sent-time".into(), sent_time(SystemTime::now()).into());
+    map.insert(
+        "dop-msg-sent-time".into(),
+        sent_time(SystemTime::now()).into(),
+    );
     if let Some((op, table)) = g.trigger {
         map.insert("outbox-op".into(), op.into());
         map.insert("outbox-table".into(), table.into());
@@ -141,12 +152,18 @@ mod tests {
     fn names_are_checked() {
         assert!(check_name("team").is_ok());
         for bad in ["", "a:b", "a\nb"] {
-            assert!(matches!(check_name(bad), Err(OutboxError::HeaderName(_))), "{bad:?}");
+            assert!(
+                matches!(check_name(bad), Err(OutboxError::HeaderName(_))),
+                "{bad:?}"
+            );
         }
         for r in RESERVED {
             assert!(matches!(check_name(r), Err(OutboxError::ReservedHeader(_))));
         }
-        assert!(matches!(check_name("Destination"), Err(OutboxError::ReservedHeader(_))));
+        assert!(matches!(
+            check_name("Destination"),
+            Err(OutboxError::ReservedHeader(_))
+        ));
     }
 
     #[test]
@@ -156,7 +173,11 @@ mod tests {
             ("dop-correlation-id".to_string(), "corr-1".to_string()),
             ("team".to_string(), "billing".to_string()),
         ];
-        let g = Generated { message_id: "m-1", destination: "/topic/a", trigger: Some(("INSERT", "public.t")) };
+        let g = Generated {
+            message_id: "m-1",
+            destination: "/topic/a",
+            trigger: Some(("INSERT", "public.t")),
+        };
         let v: Value = serde_json::from_str(&stored(&user, &g)).unwrap();
         assert_eq!(v["dop-msg-id"], "m-1");
         assert_eq!(v["dop-correlation-id"], "corr-1");

@@ -26,15 +26,25 @@ finfo_v1!(pg_finfo_outbox_publish_trigger);
 /// `outbox.publish() RETURNS trigger`
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn outbox_publish_trigger(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn outbox_publish_trigger(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     let context = unsafe { (*fcinfo).context };
     if context.is_null() || unsafe { (*context).type_ } != pg_sys::NodeTag::T_TriggerData {
-        OutboxError::Trigger { trigger: "outbox.publish()".into(), problem: TriggerProblem::NotTrigger }.raise();
+        OutboxError::Trigger {
+            trigger: "outbox.publish()".into(),
+            problem: TriggerProblem::NotTrigger,
+        }
+        .raise();
     }
     let td = context.cast::<pg_sys::TriggerData>();
     if let Err(problem) = unsafe { fire(td) } {
         let label = unsafe { label(td) };
-        OutboxError::Trigger { trigger: label, problem }.raise();
+        OutboxError::Trigger {
+            trigger: label,
+            problem,
+        }
+        .raise();
     }
     pg_sys::Datum::from(0)
 }
@@ -43,7 +53,10 @@ pub unsafe extern "C-unwind" fn outbox_publish_trigger(fcinfo: pg_sys::FunctionC
 unsafe fn label(td: *const pg_sys::TriggerData) -> String {
     unsafe {
         let name = CStr::from_ptr((*(*td).tg_trigger).tgname).to_string_lossy();
-        format!("trigger \"{name}\" on table \"{}\"", table_name((*td).tg_relation))
+        format!(
+            "trigger \"{name}\" on table \"{}\"",
+            table_name((*td).tg_relation)
+        )
     }
 }
 
@@ -51,7 +64,11 @@ unsafe fn table_name(rel: pg_sys::Relation) -> String {
     unsafe {
         let form = (*rel).rd_rel;
         let nsp = pg_sys::get_namespace_name((*form).relnamespace);
-        let nsp = if nsp.is_null() { "?".into() } else { CStr::from_ptr(nsp).to_string_lossy() };
+        let nsp = if nsp.is_null() {
+            "?".into()
+        } else {
+            CStr::from_ptr(nsp).to_string_lossy()
+        };
         let rel = CStr::from_ptr((*form).relname.data.as_ptr()).to_string_lossy();
         format!("{nsp}.{rel}")
     }
@@ -85,7 +102,9 @@ unsafe fn fire(td: *const pg_sys::TriggerData) -> std::result::Result<(), Trigge
             _ => {
                 let spec = Spec::parse(args)?;
                 specs.insert(trigger.tgoid.to_u32(), spec);
-                specs.get_mut(&trigger.tgoid.to_u32()).expect("just inserted")
+                specs
+                    .get_mut(&trigger.tgoid.to_u32())
+                    .expect("just inserted")
             }
         };
         let body = unsafe { spec.body(rel, desc, tuple)? };
@@ -105,7 +124,11 @@ unsafe fn fire(td: *const pg_sys::TriggerData) -> std::result::Result<(), Trigge
 
 unsafe fn trigger_args(t: &pg_sys::Trigger) -> Vec<String> {
     (0..t.tgnargs as usize)
-        .map(|i| unsafe { CStr::from_ptr(*t.tgargs.add(i)).to_string_lossy().into_owned() })
+        .map(|i| unsafe {
+            CStr::from_ptr(*t.tgargs.add(i))
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect()
 }
 
@@ -152,7 +175,9 @@ impl Spec {
         let Some(destination) = args.first() else {
             return Err(TriggerProblem::NoDestination);
         };
-        let destination = enqueue::check_destination(Some(destination)).map_err(input)?.to_string();
+        let destination = enqueue::check_destination(Some(destination))
+            .map_err(input)?
+            .to_string();
         let (mut fields, mut version, mut serializer, mut headers) = (None, None, None, None);
         for opt in &args[1..] {
             let Some((key, value)) = opt.split_once('=') else {
@@ -173,13 +198,17 @@ impl Spec {
         let headers = match headers {
             None => Vec::new(),
             Some(text) => {
-                let value: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| TriggerProblem::HeadersJson(e.to_string()))?;
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| TriggerProblem::HeadersJson(e.to_string()))?;
                 headers::from_json(&value).map_err(input)?
             }
         };
         let fields = fields.map(|f| {
-            let mut names: Vec<String> = f.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            let mut names: Vec<String> = f
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
             names.dedup();
             names
         });
@@ -189,7 +218,15 @@ impl Spec {
         if matches!(&serializer, Some(s) if s.is_empty()) {
             return Err(TriggerProblem::EmptyOption("serializer".into()));
         }
-        Ok(Spec { args, wire, version, headers, fields, serializer, shape: Shape::Unresolved })
+        Ok(Spec {
+            args,
+            wire,
+            version,
+            headers,
+            fields,
+            serializer,
+            shape: Shape::Unresolved,
+        })
     }
 
     /// The row as the message body (a jsonb datum).
@@ -204,7 +241,9 @@ impl Spec {
                 self.shape = self.resolve(rel, desc)?;
             }
             match &self.shape {
-                Shape::Row | Shape::Unresolved => Ok(to_jsonb(pg_sys::heap_copy_tuple_as_datum(tuple, desc))),
+                Shape::Row | Shape::Unresolved => {
+                    Ok(to_jsonb(pg_sys::heap_copy_tuple_as_datum(tuple, desc)))
+                }
                 Shape::Projection(p) => {
                     let n = (*desc).natts as usize;
                     let mut values = vec![pg_sys::Datum::from(0); n];
@@ -251,15 +290,25 @@ impl Spec {
         }
     }
 
-    unsafe fn resolve(&self, rel: pg_sys::Relation, desc: pg_sys::TupleDesc) -> std::result::Result<Shape, TriggerProblem> {
+    unsafe fn resolve(
+        &self,
+        rel: pg_sys::Relation,
+        desc: pg_sys::TupleDesc,
+    ) -> std::result::Result<Shape, TriggerProblem> {
         unsafe {
             if let Some(name) = &self.serializer {
                 return resolve_serializer(name, (*(*rel).rd_rel).reltype).map(Shape::Serializer);
             }
-            let Some(fields) = &self.fields else { return Ok(Shape::Row) };
+            let Some(fields) = &self.fields else {
+                return Ok(Shape::Row);
+            };
             let natts = (*desc).natts as i16;
             let find = |name: &str| {
-                (1..=natts).find_map(|a| column(desc, a).filter(|(n, _)| n == name).map(|(n, t)| (a, n, t)))
+                (1..=natts).find_map(|a| {
+                    column(desc, a)
+                        .filter(|(n, _)| n == name)
+                        .map(|(n, t)| (a, n, t))
+                })
             };
             let mut columns = Vec::new();
             if let Some(id) = find("id") {
@@ -280,7 +329,10 @@ impl Spec {
             }
             let pdesc = pg_sys::BlessTupleDesc(pdesc);
             pg_sys::MemoryContextSwitchTo(old);
-            Ok(Shape::Projection(Projection { columns, desc: pdesc }))
+            Ok(Shape::Projection(Projection {
+                columns,
+                desc: pdesc,
+            }))
         }
     }
 }
@@ -295,7 +347,12 @@ unsafe fn column(desc: pg_sys::TupleDesc, attnum: i16) -> Option<(String, pg_sys
         if att.attisdropped {
             return None;
         }
-        Some((CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned(), att.atttypid))
+        Some((
+            CStr::from_ptr(att.attname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned(),
+            att.atttypid,
+        ))
     }
 }
 
@@ -313,7 +370,10 @@ unsafe fn attribute(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormDat
 
 /// Looks up `name(rowtype)` as the calling role sees it (search_path) and
 /// checks that it returns jsonb and that the role may execute it.
-unsafe fn resolve_serializer(name: &str, rowtype: pg_sys::Oid) -> std::result::Result<Serializer, TriggerProblem> {
+unsafe fn resolve_serializer(
+    name: &str,
+    rowtype: pg_sys::Oid,
+) -> std::result::Result<Serializer, TriggerProblem> {
     use pgrx::spi::Spi;
     let row_type_name: String = Spi::get_one_with_args(
         "SELECT pg_catalog.format_type($1, NULL)",
@@ -323,39 +383,56 @@ unsafe fn resolve_serializer(name: &str, rowtype: pg_sys::Oid) -> std::result::R
     .flatten()
     .unwrap_or_else(|| "record".into());
     let signature = format!("{name}({row_type_name})");
-    let found: Option<(Option<pg_sys::Oid>, Option<String>, Option<bool>)> = Spi::get_three_with_args(
-        "SELECT p.oid, pg_catalog.format_type(p.prorettype, NULL), \
+    let found: Option<(Option<pg_sys::Oid>, Option<String>, Option<bool>)> =
+        Spi::get_three_with_args(
+            "SELECT p.oid, pg_catalog.format_type(p.prorettype, NULL), \
                 pg_catalog.has_function_privilege(p.oid, 'EXECUTE') \
          FROM pg_catalog.pg_proc p WHERE p.oid = pg_catalog.to_regprocedure($1)",
-        &[pgrx::datum::DatumWithOid::from(signature.as_str())],
-    )
-    .ok();
+            &[pgrx::datum::DatumWithOid::from(signature.as_str())],
+        )
+        .ok();
     let Some((Some(oid), Some(returns), Some(may_execute))) = found else {
         return Err(TriggerProblem::NoSerializer(signature));
     };
     if returns != "jsonb" {
-        return Err(TriggerProblem::SerializerReturns { name: signature, returns });
+        return Err(TriggerProblem::SerializerReturns {
+            name: signature,
+            returns,
+        });
     }
     if !may_execute {
         return Err(TriggerProblem::SerializerPermission(signature));
     }
     unsafe {
         let finfo =
-            pg_sys::MemoryContextAllocZero(pg_sys::TopMemoryContext, size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
+            pg_sys::MemoryContextAllocZero(pg_sys::TopMemoryContext, size_of::<pg_sys::FmgrInfo>())
+                .cast::<pg_sys::FmgrInfo>();
         pg_sys::fmgr_info_cxt(oid, finfo, pg_sys::TopMemoryContext);
-        Ok(Serializer { rowtype, user: pg_sys::GetUserId(), name: signature, finfo })
+        Ok(Serializer {
+            rowtype,
+            user: pg_sys::GetUserId(),
+            name: signature,
+            finfo,
+        })
     }
 }
 
-unsafe fn call_serializer(s: &Serializer, row: pg_sys::Datum) -> std::result::Result<pg_sys::Datum, TriggerProblem> {
+unsafe fn call_serializer(
+    s: &Serializer,
+    row: pg_sys::Datum,
+) -> std::result::Result<pg_sys::Datum, TriggerProblem> {
     unsafe {
-        let size = size_of::<pg_sys::FunctionCallInfoBaseData>() + size_of::<pg_sys::NullableDatum>();
+        let size =
+            size_of::<pg_sys::FunctionCallInfoBaseData>() + size_of::<pg_sys::NullableDatum>();
         let fcinfo = pg_sys::palloc0(size).cast::<pg_sys::FunctionCallInfoBaseData>();
         (*fcinfo).flinfo = s.finfo;
         (*fcinfo).nargs = 1;
         (*fcinfo).fncollation = pg_sys::InvalidOid;
         let args = (*fcinfo).args.as_mut_slice(1);
-        args[0] = pg_sys::NullableDatum { value: row, isnull: false };
+        args[0] = pg_sys::NullableDatum {
+            value: row,
+            isnull: false,
+        };
         let f = (*s.finfo).fn_addr.expect("fmgr_info sets fn_addr");
         let result = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| f(fcinfo));
         if (*fcinfo).isnull {

@@ -66,7 +66,9 @@ pub fn arm() {
             "outbox_pg is not in shared_preload_libraries: no worker will deliver this message until it is"
         );
     } else if let Some(serving) = serving_other_database() {
-        warning!("outbox.database is \"{serving}\": no worker delivers messages written in this database");
+        warning!(
+            "outbox.database is \"{serving}\": no worker delivers messages written in this database"
+        );
     }
 }
 
@@ -78,7 +80,9 @@ fn serving_other_database() -> Option<String> {
         if name.is_null() {
             return None;
         }
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
     };
     (serving != here).then_some(serving)
 }
@@ -108,7 +112,10 @@ pub fn wake_publisher() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn at_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn at_xact_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
@@ -118,7 +125,9 @@ unsafe extern "C-unwind" fn at_xact_end(event: pg_sys::XactEvent::Type, _arg: *m
         }
         // A prepared transaction commits in another session: the worker's
         // poll finds its rows.
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => ARMED.with(|a| a.set(false)),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            ARMED.with(|a| a.set(false))
+        }
         _ => {}
     }
 }

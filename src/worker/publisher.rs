@@ -37,7 +37,9 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     let database = guc::text(&guc::DATABASE);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     let shared = wake::SHARED.get();
-    shared.publisher_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    shared
+        .publisher_pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
     log!("outbox publisher started for database \"{database}\"");
 
     let mut p = Publisher::new();
@@ -153,7 +155,10 @@ impl Publisher {
                 }
             }
             if !self.connect() {
-                return self.reconnect_at.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or(poll);
+                return self
+                    .reconnect_at
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+                    .unwrap_or(poll);
             }
         }
         match self.batch() {
@@ -166,7 +171,10 @@ impl Publisher {
                 Duration::ZERO
             }
             // The connection was lost: reconnect after the backoff.
-            None => self.reconnect_at.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or(Duration::ZERO),
+            None => self
+                .reconnect_at
+                .map(|at| at.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::ZERO),
         }
     }
 
@@ -176,7 +184,9 @@ impl Publisher {
         // The latch was set (a commit) if we were woken before the timeout:
         // wait_latch does not say, so any wake-up before the deadline counts.
         self.next_due.is_some_and(|d| d <= now)
-            || self.last_query.is_none_or(|q| now - q >= SAFETY_POLL.max(poll))
+            || self
+                .last_query
+                .is_none_or(|q| now - q >= SAFETY_POLL.max(poll))
             || wake::take_commits()
     }
 
@@ -189,7 +199,10 @@ impl Publisher {
         }
         let mut wait = SAFETY_POLL.max(poll);
         if let Some(d) = self.next_due {
-            wait = wait.min(d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+            wait = wait.min(
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            );
         }
         if let Some(k) = self.conn.as_ref().and_then(|c| c.keepalive_due_in()) {
             wait = wait.min(k.max(Duration::from_millis(1)));
@@ -247,26 +260,39 @@ impl Publisher {
     /// connection was lost.
     fn batch(&mut self) -> Option<usize> {
         let batch_size = guc::BATCH_SIZE.get().max(1) as i64;
-        let limit = if self.isolate_upto.is_some() { 1 } else { batch_size };
+        let limit = if self.isolate_upto.is_some() {
+            1
+        } else {
+            batch_size
+        };
         let receipt_timeout = self.config.connect_timeout.max(Duration::from_secs(5));
         let conn = self.conn.as_mut().expect("connected");
         let mut isolate_upto = self.isolate_upto;
 
         // AssertUnwindSafe: an error here ends the worker (it restarts), so
         // no broken state survives an unwind.
-        let (claimed, verdict, next_due) = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-            let rows = claim(limit);
-            let verdict = if rows.is_empty() { Verdict::default() } else { deliver(conn, &rows, receipt_timeout) };
-            record(&verdict);
-            if let (Some(upto), Some(last)) = (isolate_upto, rows.last())
-                && last.id >= upto
-                && verdict.isolate.is_empty()
-            {
-                isolate_upto = None;
-            }
-            let next_due = if (rows.len() as i64) < limit { seconds_to_next_due() } else { None };
-            (rows.len(), verdict, next_due)
-        }));
+        let (claimed, verdict, next_due) =
+            BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+                let rows = claim(limit);
+                let verdict = if rows.is_empty() {
+                    Verdict::default()
+                } else {
+                    deliver(conn, &rows, receipt_timeout)
+                };
+                record(&verdict);
+                if let (Some(upto), Some(last)) = (isolate_upto, rows.last())
+                    && last.id >= upto
+                    && verdict.isolate.is_empty()
+                {
+                    isolate_upto = None;
+                }
+                let next_due = if (rows.len() as i64) < limit {
+                    seconds_to_next_due()
+                } else {
+                    None
+                };
+                (rows.len(), verdict, next_due)
+            }));
         self.last_query = Some(Instant::now());
         self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
         if let Some(max) = verdict.isolate.iter().max() {
@@ -276,7 +302,11 @@ impl Publisher {
         let sent = verdict.published.len() as u64;
         wake::SHARED.get().sent.fetch_add(sent, Ordering::Relaxed);
         if let Some(why) = verdict.lost {
-            let host = self.conn.as_ref().map(|c| c.host().to_string()).unwrap_or_default();
+            let host = self
+                .conn
+                .as_ref()
+                .map(|c| c.host().to_string())
+                .unwrap_or_default();
             self.lost(format!("connection to {host} lost: {why}"));
             return None;
         }
@@ -319,9 +349,12 @@ fn claim(limit: i64) -> Vec<Row> {
 
 /// Sends the rows and sorts them by what the broker answered.
 fn deliver(conn: &mut Connection, rows: &[Row], timeout: Duration) -> Verdict {
-    let receipts: HashMap<String, i64> = rows.iter().map(|r| (format!("o-{}", r.id), r.id)).collect();
-    let frames: Vec<_> =
-        rows.iter().map(|r| broker::send_frame(&r.destination, &r.headers, &r.body, &format!("o-{}", r.id))).collect();
+    let receipts: HashMap<String, i64> =
+        rows.iter().map(|r| (format!("o-{}", r.id), r.id)).collect();
+    let frames: Vec<_> = rows
+        .iter()
+        .map(|r| broker::send_frame(&r.destination, &r.headers, &r.body, &format!("o-{}", r.id)))
+        .collect();
     let outcome = send_batch(conn, &frames, timeout);
     let mut v = Verdict::default();
     let mut missing: std::collections::BTreeSet<i64> = rows.iter().map(|r| r.id).collect();
@@ -334,7 +367,10 @@ fn deliver(conn: &mut Connection, rows: &[Row], timeout: Duration) -> Verdict {
     let mut unattributed = Vec::new();
     for e in &outcome.errors {
         match e {
-            StompError::Broker { receipt_id: Some(r), .. } if receipts.contains_key(r) => {
+            StompError::Broker {
+                receipt_id: Some(r),
+                ..
+            } if receipts.contains_key(r) => {
                 let id = receipts[r];
                 missing.remove(&id);
                 v.refused.push((id, e.to_string()));

@@ -8,9 +8,12 @@ use postgres::Client;
 use crate::shared;
 
 fn count(c: &mut Client, destination_like: &str) -> i64 {
-    c.query_one("SELECT count(*) FROM outbox.published WHERE destination LIKE $1", &[&destination_like])
-        .unwrap()
-        .get(0)
+    c.query_one(
+        "SELECT count(*) FROM outbox.published WHERE destination LIKE $1",
+        &[&destination_like],
+    )
+    .unwrap()
+    .get(0)
 }
 
 #[test]
@@ -18,12 +21,16 @@ fn publish_commits_a_row_and_rollback_writes_none() {
     let mut c = shared().client();
     let d = format!("/queue/{}", unique("commit"));
     let mut tx = c.transaction().unwrap();
-    tx.execute("SELECT outbox.publish($1, '{\"a\": 1}')", &[&d]).unwrap();
+    tx.execute("SELECT outbox.publish($1, '{\"a\": 1}')", &[&d])
+        .unwrap();
     tx.rollback().unwrap();
     assert_eq!(count(&mut c, &d), 0);
 
     let id: String = c
-        .query_one("SELECT outbox.publish($1, '{\"a\": 1}', '{\"team\":\"x\"}')::text", &[&d])
+        .query_one(
+            "SELECT outbox.publish($1, '{\"a\": 1}', '{\"team\":\"x\"}')::text",
+            &[&d],
+        )
         .unwrap()
         .get(0);
     let row = c
@@ -50,20 +57,76 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     let dest = format!("/queue/{tag}");
     let big = format!("SELECT outbox.publish('{dest}', to_jsonb(repeat('x', 1100000)))");
     let cases: Vec<(String, &str, &str)> = vec![
-        (format!("SELECT outbox.publish(NULL, '{{}}')"), "22004", "destination must not be null"),
-        (format!("SELECT outbox.publish('', '{{}}')"), "22023", "destination must not be empty"),
-        (format!("SELECT outbox.publish('queue-{tag}', '{{}}')"), "22023", "invalid destination"),
-        (format!("SELECT outbox.publish('/', '{{}}')"), "22023", "invalid destination"),
-        (format!("SELECT outbox.publish('{dest}', NULL)"), "22004", "body must not be null"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', '[1]')"), "22023", "headers must be a JSON object"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"a\": 1}}')"), "22023", "must be a JSON string"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"\": \"x\"}}')"), "22023", "invalid header name"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"a:b\": \"x\"}}')"), "22023", "invalid header name"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"destination\": \"/x\"}}')"), "22023", "reserved by STOMP"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"content-length\": \"1\"}}')"), "22023", "reserved"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', version => '')"), "22023", "invalid version"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', delay => '-1 hour')"), "22023", "delay must not be negative"),
-        (format!("SELECT outbox.publish('{dest}', '{{}}', '{{bad')"), "22P02", "invalid input syntax for type json"),
+        (
+            format!("SELECT outbox.publish(NULL, '{{}}')"),
+            "22004",
+            "destination must not be null",
+        ),
+        (
+            format!("SELECT outbox.publish('', '{{}}')"),
+            "22023",
+            "destination must not be empty",
+        ),
+        (
+            format!("SELECT outbox.publish('queue-{tag}', '{{}}')"),
+            "22023",
+            "invalid destination",
+        ),
+        (
+            format!("SELECT outbox.publish('/', '{{}}')"),
+            "22023",
+            "invalid destination",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', NULL)"),
+            "22004",
+            "body must not be null",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', '[1]')"),
+            "22023",
+            "headers must be a JSON object",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"a\": 1}}')"),
+            "22023",
+            "must be a JSON string",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"\": \"x\"}}')"),
+            "22023",
+            "invalid header name",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"a:b\": \"x\"}}')"),
+            "22023",
+            "invalid header name",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"destination\": \"/x\"}}')"),
+            "22023",
+            "reserved by STOMP",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', '{{\"content-length\": \"1\"}}')"),
+            "22023",
+            "reserved",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', version => '')"),
+            "22023",
+            "invalid version",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', delay => '-1 hour')"),
+            "22023",
+            "delay must not be negative",
+        ),
+        (
+            format!("SELECT outbox.publish('{dest}', '{{}}', '{{bad')"),
+            "22P02",
+            "invalid input syntax for type json",
+        ),
         (big, "54000", "more than outbox.max_message_bytes"),
     ];
     for (sql, state, message) in &cases {
@@ -71,7 +134,11 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         assert_eq!(sqlstate(&e), *state, "{sql}: {e:?}");
         let db = e.as_db_error().unwrap();
         assert!(db.message().contains(message), "{sql}: {}", db.message());
-        assert!(!db.message().contains("panicked") && !db.message().contains("internal error"), "{sql}: {}", db.message());
+        assert!(
+            !db.message().contains("panicked") && !db.message().contains("internal error"),
+            "{sql}: {}",
+            db.message()
+        );
     }
     assert_eq!(count(&mut c, &format!("%{tag}%")), 0);
 }
@@ -100,18 +167,39 @@ fn trigger_bodies_options_and_headers() {
             &[&format!("{d}%")],
         )
         .unwrap();
-    let got: Vec<(String, Option<String>, String, String)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let got: Vec<(String, Option<String>, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
     let all = |body: &str, op: &str| (d.clone(), None, body.to_string(), op.to_string());
     assert_eq!(
         got,
         vec![
             // Triggers fire in name order: all_cols, ser, some_cols.
-            all(r#"{"id": 1, "total": 9.5, "secret": "s", "status": "new"}"#, "INSERT"),
-            (d.clone(), None, r#"{"st": "new", "order": 1}"#.into(), "INSERT".into()),
-            (format!("{d}.v1"), Some("v1".into()), r#"{"id": 1, "status": "new"}"#.into(), "INSERT".into()),
-            all(r#"{"id": 1, "total": 9.5, "secret": "s", "status": "paid"}"#, "UPDATE"),
-            all(r#"{"id": 1, "total": 9.5, "secret": "s", "status": "paid"}"#, "DELETE"),
+            all(
+                r#"{"id": 1, "total": 9.5, "secret": "s", "status": "new"}"#,
+                "INSERT"
+            ),
+            (
+                d.clone(),
+                None,
+                r#"{"st": "new", "order": 1}"#.into(),
+                "INSERT".into()
+            ),
+            (
+                format!("{d}.v1"),
+                Some("v1".into()),
+                r#"{"id": 1, "status": "new"}"#.into(),
+                "INSERT".into()
+            ),
+            all(
+                r#"{"id": 1, "total": 9.5, "secret": "s", "status": "paid"}"#,
+                "UPDATE"
+            ),
+            all(
+                r#"{"id": 1, "total": 9.5, "secret": "s", "status": "paid"}"#,
+                "DELETE"
+            ),
         ]
     );
     for r in &rows {
@@ -120,7 +208,10 @@ fn trigger_bodies_options_and_headers() {
         assert_eq!(r.get::<_, String>(7), "Published");
         assert!(r.get::<_, bool>(8));
     }
-    assert_eq!(rows[2].get::<_, Option<String>>(5).as_deref(), Some("billing"));
+    assert_eq!(
+        rows[2].get::<_, Option<String>>(5).as_deref(),
+        Some("billing")
+    );
 }
 
 /// Every wrong trigger definition fails at the first row it fires for,
@@ -130,16 +221,66 @@ fn bad_triggers_are_clear_errors_naming_the_trigger() {
     let mut c = shared().client();
     let cases: &[(&str, &str, &str, &str)] = &[
         ("AFTER INSERT", "FOR EACH ROW", "", "no destination given"),
-        ("AFTER INSERT", "FOR EACH ROW", "'no-slash'", "invalid destination"),
-        ("AFTER INSERT", "FOR EACH ROW", "'/queue/x', 'colour=red'", "unknown option \"colour\""),
-        ("AFTER INSERT", "FOR EACH ROW", "'/queue/x', 'fields'", "not of the form key=value"),
-        ("AFTER INSERT", "FOR EACH ROW", "'/queue/x', 'fields=nope'", "unknown field \"nope\""),
-        ("AFTER INSERT", "FOR EACH ROW", "'/queue/x', 'serializer=no_such_fn'", "does not exist"),
-        ("AFTER INSERT", "FOR EACH ROW", "'/queue/x', 'headers={\"ack\":\"x\"}'", "reserved by STOMP"),
-        ("AFTER INSERT", "FOR EACH ROW", "'/queue/x', 'headers={\"a\":1}'", "must be a JSON string"),
-        ("AFTER INSERT", "FOR EACH STATEMENT", "'/queue/x'", "must be fired FOR EACH ROW"),
-        ("BEFORE INSERT", "FOR EACH ROW", "'/queue/x'", "must be fired AFTER"),
-        ("AFTER INSERT", "FOR EACH ROW", "'/queue/x', 'version=v1', 'version=v2'", "given twice"),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'no-slash'",
+            "invalid destination",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'/queue/x', 'colour=red'",
+            "unknown option \"colour\"",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'/queue/x', 'fields'",
+            "not of the form key=value",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'/queue/x', 'fields=nope'",
+            "unknown field \"nope\"",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'/queue/x', 'serializer=no_such_fn'",
+            "does not exist",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'/queue/x', 'headers={\"ack\":\"x\"}'",
+            "reserved by STOMP",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'/queue/x', 'headers={\"a\":1}'",
+            "must be a JSON string",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH STATEMENT",
+            "'/queue/x'",
+            "must be fired FOR EACH ROW",
+        ),
+        (
+            "BEFORE INSERT",
+            "FOR EACH ROW",
+            "'/queue/x'",
+            "must be fired AFTER",
+        ),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "'/queue/x', 'version=v1', 'version=v2'",
+            "given twice",
+        ),
     ];
     for (when, level, args, message) in cases {
         let t = unique("badtrg");
@@ -148,16 +289,29 @@ fn bad_triggers_are_clear_errors_naming_the_trigger() {
              CREATE TRIGGER tg_{t} {when} ON {t} {level} EXECUTE FUNCTION outbox.publish({args});"
         ))
         .unwrap();
-        let e = c.batch_execute(&format!("INSERT INTO {t} VALUES (1, 'a')")).expect_err(args);
+        let e = c
+            .batch_execute(&format!("INSERT INTO {t} VALUES (1, 'a')"))
+            .expect_err(args);
         let db = e.as_db_error().unwrap();
         assert_eq!(&db.code().code()[..2], "22", "{args}: {db:?}");
         assert!(db.message().contains(message), "{args}: {}", db.message());
-        assert!(db.message().contains(&format!("trigger \"tg_{t}\" on table \"public.{t}\"")), "{}", db.message());
+        assert!(
+            db.message()
+                .contains(&format!("trigger \"tg_{t}\" on table \"public.{t}\"")),
+            "{}",
+            db.message()
+        );
         assert!(db.hint().is_some(), "{args}: no hint");
-        let rows: i64 = c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).unwrap().get(0);
+        let rows: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+            .unwrap()
+            .get(0);
         assert_eq!(rows, 0, "the user's row was rolled back too");
         let written: i64 = c
-            .query_one("SELECT count(*) FROM outbox.published WHERE headers->>'outbox-table' = $1", &[&format!("public.{t}")])
+            .query_one(
+                "SELECT count(*) FROM outbox.published WHERE headers->>'outbox-table' = $1",
+                &[&format!("public.{t}")],
+            )
             .unwrap()
             .get(0);
         assert_eq!(written, 0);
@@ -173,7 +327,9 @@ fn bad_header_json_in_a_trigger_is_22p02() {
          CREATE TRIGGER tg AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION outbox.publish('/queue/x', 'headers={{oops');"
     ))
     .unwrap();
-    let e = c.batch_execute(&format!("INSERT INTO {t} VALUES (1)")).unwrap_err();
+    let e = c
+        .batch_execute(&format!("INSERT INTO {t} VALUES (1)"))
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "22P02");
 }
 
@@ -191,15 +347,27 @@ fn serializer_runs_as_the_caller_and_needs_execute() {
     ))
     .unwrap();
     let mut w = shared().connect("postgres", &role);
-    w.batch_execute(&format!("INSERT INTO {t} VALUES (1)")).unwrap();
+    w.batch_execute(&format!("INSERT INTO {t} VALUES (1)"))
+        .unwrap();
     let body: String = c
-        .query_one("SELECT body->>'user' FROM outbox.published WHERE destination = $1", &[&format!("/queue/{t}")])
+        .query_one(
+            "SELECT body->>'user' FROM outbox.published WHERE destination = $1",
+            &[&format!("/queue/{t}")],
+        )
         .unwrap()
         .get(0);
-    assert_eq!(body, role, "the serializer ran as the role that inserted, not as a superuser");
-    c.batch_execute(&format!("REVOKE EXECUTE ON FUNCTION {t}_who({t}) FROM PUBLIC")).unwrap();
+    assert_eq!(
+        body, role,
+        "the serializer ran as the role that inserted, not as a superuser"
+    );
+    c.batch_execute(&format!(
+        "REVOKE EXECUTE ON FUNCTION {t}_who({t}) FROM PUBLIC"
+    ))
+    .unwrap();
     let mut w = shared().connect("postgres", &role);
-    let e = w.batch_execute(&format!("INSERT INTO {t} VALUES (2)")).unwrap_err();
+    let e = w
+        .batch_execute(&format!("INSERT INTO {t} VALUES (2)"))
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501", "{e:?}");
 }
 
@@ -213,12 +381,17 @@ fn only_publishers_may_publish_and_nobody_else_reads_the_table() {
     .unwrap();
     let d = format!("/queue/{}", unique("priv"));
     let mut n = shared().connect("postgres", &nobody);
-    let e = n.batch_execute(&format!("SELECT outbox.publish('{d}', '1')")).unwrap_err();
+    let e = n
+        .batch_execute(&format!("SELECT outbox.publish('{d}', '1')"))
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501");
-    let e = n.batch_execute("SELECT * FROM outbox.published").unwrap_err();
+    let e = n
+        .batch_execute("SELECT * FROM outbox.published")
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501");
     let mut p = shared().connect("postgres", &publisher);
-    p.batch_execute(&format!("SELECT outbox.publish('{d}', '1')")).unwrap();
+    p.batch_execute(&format!("SELECT outbox.publish('{d}', '1')"))
+        .unwrap();
     // Publishing does not grant writing the table directly.
     let e = p
         .batch_execute(&format!(
@@ -239,12 +412,20 @@ fn without_preloading_rows_are_written_and_a_warning_says_so() {
         .notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()))
         .connect(postgres::NoTls)
         .unwrap();
-    c.batch_execute("SELECT outbox.publish('/queue/x', '1'); SELECT outbox.publish('/queue/x', '2');").unwrap();
-    let n: i64 = c.query_one("SELECT count(*) FROM outbox.published", &[]).unwrap().get(0);
+    c.batch_execute(
+        "SELECT outbox.publish('/queue/x', '1'); SELECT outbox.publish('/queue/x', '2');",
+    )
+    .unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM outbox.published", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
     let notices = notices.lock().unwrap();
     assert!(
-        notices.iter().any(|m| m.contains("not in shared_preload_libraries")),
+        notices
+            .iter()
+            .any(|m| m.contains("not in shared_preload_libraries")),
         "{notices:?}"
     );
 }

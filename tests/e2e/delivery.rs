@@ -53,9 +53,11 @@ fn status_counts(c: &mut Client, destination_like: &str) -> (i64, i64, i64) {
 }
 
 fn wait_published(c: &mut Client, destination_like: &str, n: i64, timeout: Duration) {
-    wait_for(&format!("{n} rows published to {destination_like}"), timeout, || {
-        (status_counts(c, destination_like).1 >= n).then_some(())
-    });
+    wait_for(
+        &format!("{n} rows published to {destination_like}"),
+        timeout,
+        || (status_counts(c, destination_like).1 >= n).then_some(()),
+    );
 }
 
 #[test]
@@ -74,16 +76,29 @@ fn a_committed_message_arrives_with_its_body_and_every_header() {
         .get(0);
     let m = sub.take(1, Duration::from_secs(10)).remove(0);
     assert_eq!(m.get("destination"), Some(d.as_str()));
-    assert_eq!(String::from_utf8(m.body.clone()).unwrap(), r#"{"items": ["a", "b"], "total": 9.5}"#);
+    assert_eq!(
+        String::from_utf8(m.body.clone()).unwrap(),
+        r#"{"items": ["a", "b"], "total": 9.5}"#
+    );
     assert_eq!(m.get("dop-msg-id"), Some(id.as_str()));
     assert_eq!(m.get("dop-msg-destination"), Some(d.as_str()));
     assert_eq!(m.get("dop-msg-type"), Some("Published"));
     assert_eq!(m.get("dop-correlation-id"), Some("corr-7"));
-    assert!(m.get("dop-msg-sent-time").is_some_and(|t| t.ends_with("+00:00")));
-    assert_eq!(m.get("content-type"), Some("application/json;charset=utf-8"));
+    assert!(
+        m.get("dop-msg-sent-time")
+            .is_some_and(|t| t.ends_with("+00:00"))
+    );
+    assert_eq!(
+        m.get("content-type"),
+        Some("application/json;charset=utf-8")
+    );
     assert_eq!(m.get("persistent"), Some("true"));
     assert_eq!(m.get("team"), Some("billing"));
-    assert_eq!(m.get("tricky"), Some("a\nb:c\\d"), "escaped on the wire, intact on arrival");
+    assert_eq!(
+        m.get("tricky"),
+        Some("a\nb:c\\d"),
+        "escaped on the wire, intact on arrival"
+    );
     wait_published(&mut c, &d, 1, Duration::from_secs(5));
     let r = c
         .query_one("SELECT published_at IS NOT NULL, retry, last_error FROM outbox.published WHERE destination = $1", &[&d])
@@ -100,12 +115,17 @@ fn rollback_sends_nothing_and_order_holds_across_transactions() {
     let mut sub = Subscriber::new(&d);
     let mut c = shared().client();
     let mut tx = c.transaction().unwrap();
-    tx.execute("SELECT outbox.publish($1, '\"rolled back\"')", &[&d]).unwrap();
+    tx.execute("SELECT outbox.publish($1, '\"rolled back\"')", &[&d])
+        .unwrap();
     tx.rollback().unwrap();
     for t in 0..40 {
         let mut tx = c.transaction().unwrap();
         for i in 0..5 {
-            tx.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &(t * 5 + i)]).unwrap();
+            tx.execute(
+                "SELECT outbox.publish($1, to_jsonb($2::int))",
+                &[&d, &(t * 5 + i)],
+            )
+            .unwrap();
         }
         tx.commit().unwrap();
     }
@@ -115,7 +135,10 @@ fn rollback_sends_nothing_and_order_holds_across_transactions() {
         .map(|m| String::from_utf8_lossy(&m.body).parse().unwrap())
         .collect();
     assert_eq!(got, (0..200).collect::<Vec<_>>());
-    assert!(sub.next(Duration::from_millis(300)).is_none(), "the rolled-back message never arrives");
+    assert!(
+        sub.next(Duration::from_millis(300)).is_none(),
+        "the rolled-back message never arrives"
+    );
 }
 
 #[test]
@@ -128,14 +151,18 @@ fn commit_wakes_the_worker_at_once() {
     let mut samples = Vec::new();
     for i in 0..20 {
         let start = Instant::now();
-        c.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &i]).unwrap();
+        c.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &i])
+            .unwrap();
         sub.take(1, Duration::from_secs(15));
         samples.push(start.elapsed());
         std::thread::sleep(Duration::from_millis(20));
     }
     samples.sort();
     let p50 = samples[samples.len() / 2];
-    eprintln!("commit -> subscriber: p50 {p50:?}, max {:?}", samples.last().unwrap());
+    eprintln!(
+        "commit -> subscriber: p50 {p50:?}, max {:?}",
+        samples.last().unwrap()
+    );
     assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
 }
 
@@ -154,34 +181,59 @@ fn a_poison_message_fails_alone_while_the_rest_flows() {
          COMMIT;"
     ))
     .unwrap();
-    let got: Vec<String> = sub.take(2, Duration::from_secs(10)).iter().map(|m| m.body_text()).collect();
+    let got: Vec<String> = sub
+        .take(2, Duration::from_secs(10))
+        .iter()
+        .map(|m| m.body_text())
+        .collect();
     assert_eq!(got, ["1", "2"]);
     for i in 3..6 {
-        c.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &i]).unwrap();
+        c.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &i])
+            .unwrap();
     }
-    assert_eq!(sub.take(3, Duration::from_secs(10)).len(), 3, "later messages flow while the poison one retries");
-    let row = wait_for("the poison message to fail", Duration::from_secs(20), || {
-        let r = c
+    assert_eq!(
+        sub.take(3, Duration::from_secs(10)).len(),
+        3,
+        "later messages flow while the poison one retries"
+    );
+    let row = wait_for(
+        "the poison message to fail",
+        Duration::from_secs(20),
+        || {
+            let r = c
             .query_one("SELECT status::text, retry, last_error FROM outbox.published WHERE destination = $1", &[&poison])
             .unwrap();
-        (r.get::<_, String>(0) == "failed").then_some(r)
-    });
+            (r.get::<_, String>(0) == "failed").then_some(r)
+        },
+    );
     assert_eq!(row.get::<_, i32>(1), 3, "maximum_retry_attempts");
-    assert!(row.get::<_, Option<String>>(2).unwrap().contains("Unknown destination"));
+    assert!(
+        row.get::<_, Option<String>>(2)
+            .unwrap()
+            .contains("Unknown destination")
+    );
     assert_eq!(status_counts(&mut c, &format!("{d}%")), (0, 5, 0));
 }
 
 #[test]
 fn a_dead_first_host_fails_over_to_the_next() {
     let _b = broker::shared_broker();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let hosts = format!("outbox.stomp_hosts = '127.0.0.1:{dead},{}'", broker::STOMP);
     let cl = cluster(&[&hosts]);
     let d = format!("/topic/{}", unique("failover"));
     let mut sub = Subscriber::new(&d);
     let mut c = cl.client();
-    c.execute("SELECT outbox.publish($1, '\"hello\"')", &[&d]).unwrap();
-    assert_eq!(sub.take(1, Duration::from_secs(15))[0].body_text(), "\"hello\"");
+    c.execute("SELECT outbox.publish($1, '\"hello\"')", &[&d])
+        .unwrap();
+    assert_eq!(
+        sub.take(1, Duration::from_secs(15))[0].body_text(),
+        "\"hello\""
+    );
 }
 
 #[test]
@@ -192,16 +244,27 @@ fn a_refused_login_keeps_rows_scheduled_until_fixed_and_reloaded() {
     let mut sub = Subscriber::new(&d);
     let mut c = cl.client();
     for i in 0..3 {
-        c.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &i]).unwrap();
+        c.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &i])
+            .unwrap();
     }
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(status_counts(&mut c, &d), (3, 0, 0), "connection failures never touch rows");
-    let retries: i64 = c.query_one("SELECT sum(retry) FROM outbox.published", &[]).unwrap().get(0);
+    assert_eq!(
+        status_counts(&mut c, &d),
+        (3, 0, 0),
+        "connection failures never touch rows"
+    );
+    let retries: i64 = c
+        .query_one("SELECT sum(retry) FROM outbox.published", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(retries, 0);
     assert!(sub.next(Duration::from_millis(200)).is_none());
     let log = cl.log();
     assert!(log.contains("refused"), "the refusal is logged");
-    assert!(!log.contains("wrong-secret"), "the passcode never appears in the log");
+    assert!(
+        !log.contains("wrong-secret"),
+        "the passcode never appears in the log"
+    );
     cl.set(&["outbox.stomp_passcode = 'guest'"]);
     assert_eq!(sub.take(3, Duration::from_secs(15)).len(), 3);
     wait_published(&mut c, &d, 3, Duration::from_secs(5));
@@ -213,18 +276,29 @@ fn a_terminated_worker_is_back_within_two_seconds_and_delivers() {
     let cl = cluster(&[]);
     let mut c = cl.client();
     let pid = |c: &mut Client| -> Option<i32> {
-        c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'", &[])
-            .unwrap()
-            .map(|r| r.get(0))
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
     };
     let first = wait_for("the publisher", Duration::from_secs(10), || pid(&mut c));
-    c.execute("SELECT pg_terminate_backend($1)", &[&first]).unwrap();
+    c.execute("SELECT pg_terminate_backend($1)", &[&first])
+        .unwrap();
     let start = Instant::now();
     let d = format!("/topic/{}", unique("restart"));
     let mut sub = Subscriber::new(&d);
-    c.execute("SELECT outbox.publish($1, '\"while it was down\"')", &[&d]).unwrap();
-    let second = wait_for("a new publisher", Duration::from_secs(5), || pid(&mut c).filter(|p| *p != first));
-    assert!(start.elapsed() < Duration::from_secs(2) + Duration::from_millis(500), "{:?}", start.elapsed());
+    c.execute("SELECT outbox.publish($1, '\"while it was down\"')", &[&d])
+        .unwrap();
+    let second = wait_for("a new publisher", Duration::from_secs(5), || {
+        pid(&mut c).filter(|p| *p != first)
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(2) + Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
     assert_ne!(first, second);
     assert_eq!(sub.take(1, Duration::from_secs(10)).len(), 1);
 }
@@ -277,7 +351,10 @@ fn the_broker_stopping_mid_stream_loses_nothing_and_fails_nothing() {
     publish(&mut c, 1001, 1500);
     wait_published(&mut c, &d, 1500, Duration::from_secs(60));
     assert_eq!(status_counts(&mut c, &d), (0, 1500, 0));
-    let retries: i64 = c.query_one("SELECT sum(retry) FROM outbox.published", &[]).unwrap().get(0);
+    let retries: i64 = c
+        .query_one("SELECT sum(retry) FROM outbox.published", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(retries, 0, "a broker outage is not a message failure");
     let mut sub = Subscriber::with_headers(&d, &[("x-expires", "120000")]);
     let mut seen = std::collections::HashSet::new();

@@ -50,7 +50,9 @@ impl Subscriber {
     }
 
     pub fn with_headers(destination: &str, extra: &[(&str, &str)]) -> Subscriber {
-        let mut conn = crate::wait_for("the broker", Duration::from_secs(60), || Connection::open(&config(), STOMP).ok());
+        let mut conn = crate::wait_for("the broker", Duration::from_secs(60), || {
+            Connection::open(&config(), STOMP).ok()
+        });
         let mut f = Frame::new(Command::Subscribe)
             .header("id", "0")
             .header("destination", destination)
@@ -61,7 +63,10 @@ impl Subscriber {
         }
         conn.queue(&f).unwrap();
         conn.flush().unwrap();
-        let r = conn.read_frame(Duration::from_secs(10)).expect("subscribe receipt").expect("a frame");
+        let r = conn
+            .read_frame(Duration::from_secs(10))
+            .expect("subscribe receipt")
+            .expect("a frame");
         assert_eq!(r.command, Command::Receipt, "subscribe answered {r:?}");
         Subscriber { conn }
     }
@@ -107,7 +112,11 @@ pub fn rabbitmqctl(args: &[&str]) {
         c
     };
     let out = cmd.args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 unsafe extern "C" {
@@ -116,5 +125,7 @@ unsafe extern "C" {
 
 /// Waits until the broker accepts STOMP connections again.
 pub fn wait_until_up() {
-    crate::wait_for("the broker's STOMP port", Duration::from_secs(60), || Connection::open(&config(), STOMP).ok());
+    crate::wait_for("the broker's STOMP port", Duration::from_secs(60), || {
+        Connection::open(&config(), STOMP).ok()
+    });
 }

@@ -18,7 +18,10 @@ pub fn pg_config() -> String {
 }
 
 pub fn pg_config_value(flag: &str) -> PathBuf {
-    let out = Command::new(pg_config()).arg(flag).output().expect("pg_config runs");
+    let out = Command::new(pg_config())
+        .arg(flag)
+        .output()
+        .expect("pg_config runs");
     assert!(out.status.success(), "pg_config {flag} failed");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
@@ -74,12 +77,29 @@ impl Cluster {
         let dir = std::env::temp_dir().join(crate::unique("outbox_pg_e2e"));
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
-            check(Command::new("chown").args(["postgres:postgres"]).arg(&dir).output().unwrap(), "chown");
+            check(
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&dir)
+                    .output()
+                    .unwrap(),
+                "chown",
+            );
         }
         let data = dir.join("data");
         check(
             server_command(&bindir.join("initdb"))
-                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "-D",
+                ])
                 .arg(&data)
                 .output()
                 .expect("initdb runs"),
@@ -130,7 +150,10 @@ impl Cluster {
             .env_remove("RUST_LIB_BACKTRACE")
             .output()
             .expect("pg_ctl runs");
-        check(out, &format!("pg_ctl {args:?} (log: {})", self.log_path().display()));
+        check(
+            out,
+            &format!("pg_ctl {args:?} (log: {})", self.log_path().display()),
+        );
     }
 
     /// Appends settings to postgresql.conf and reloads.
@@ -151,7 +174,10 @@ impl Cluster {
     }
 
     pub fn url(&self, db: &str, user: &str) -> String {
-        format!("host=127.0.0.1 port={} dbname={db} user={user} connect_timeout=10", self.port)
+        format!(
+            "host=127.0.0.1 port={} dbname={db} user={user} connect_timeout=10",
+            self.port
+        )
     }
 
     /// A new connection as `postgres` to `postgres`.
@@ -160,11 +186,15 @@ impl Cluster {
     }
 
     pub fn connect(&self, db: &str, user: &str) -> Client {
-        crate::wait_for("a connection", Duration::from_secs(30), || Client::connect(&self.url(db, user), NoTls).ok())
+        crate::wait_for("a connection", Duration::from_secs(30), || {
+            Client::connect(&self.url(db, user), NoTls).ok()
+        })
     }
 
     pub fn execute(&self, db: &str, sql: &str) {
-        self.connect(db, "postgres").batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+        self.connect(db, "postgres")
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
     }
 
     pub fn bindir(&self) -> &Path {
@@ -195,5 +225,7 @@ pub fn describe(e: &postgres::Error) -> String {
 
 /// The SQLSTATE of a failed statement, for assertions.
 pub fn sqlstate(e: &postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}"))
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
 }
