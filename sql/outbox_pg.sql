@@ -86,3 +86,11 @@ REVOKE ALL ON FUNCTION outbox.publish(text, jsonb, jsonb, text, interval) FROM P
 REVOKE ALL ON FUNCTION outbox.publish() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox.publish(text, jsonb, jsonb, text, interval) TO outbox_publisher;
 GRANT EXECUTE ON FUNCTION outbox.publish() TO outbox_publisher;
+
+CREATE FUNCTION outbox.send(destination text, body jsonb, headers jsonb DEFAULT '{}') RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'outbox_send';
+COMMENT ON FUNCTION outbox.send(text, jsonb, jsonb) IS
+    'Sends a message to the broker at once and waits for its receipt; not transactional (no outbox row)';
+REVOKE ALL ON FUNCTION outbox.send(text, jsonb, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.send(text, jsonb, jsonb) TO outbox_publisher;

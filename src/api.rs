@@ -54,6 +54,65 @@ unsafe fn publish(fcinfo: pg_sys::FunctionCallInfo) -> Result<uuid::Uuid> {
     }))
 }
 
+finfo_v1!(pg_finfo_outbox_send);
+
+/// `outbox.send(destination, body, headers) RETURNS void`: sends at once
+/// over a connection of this backend and waits for the broker's receipt.
+/// Not transactional: a rollback does not take the message back.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_send(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    if let Err(e) = unsafe { send(fcinfo) } {
+        e.raise();
+    }
+    pg_sys::Datum::from(0)
+}
+
+unsafe fn send(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
+    use crate::stomp::client::{Connection, send_batch};
+    let destination = unsafe { fmgr::arg_text(fcinfo, 0) };
+    let destination = enqueue::check_destination(destination.as_deref())?;
+    let body = unsafe { fmgr::arg(fcinfo, 1) }.ok_or(OutboxError::Null { what: "body" })?;
+    let user_headers = match unsafe { fmgr::arg(fcinfo, 2) } {
+        None => Vec::new(),
+        Some(d) => parse_headers(&unsafe { fmgr::jsonb_text(d) })?,
+    };
+    enqueue::check_size(body)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let stored = headers::stored(
+        &user_headers,
+        &headers::Generated {
+            message_id: &id,
+            destination,
+            trigger: None,
+        },
+    );
+    let frame = crate::broker::send_frame(
+        destination,
+        &stored,
+        &unsafe { fmgr::jsonb_text(body) },
+        "send-1",
+    );
+    let config = crate::broker::config();
+    let mut conn = Connection::open_any(&config).map_err(|e| OutboxError::Broker(e.to_string()))?;
+    let outcome = send_batch(
+        &mut conn,
+        &[frame],
+        config
+            .connect_timeout
+            .max(std::time::Duration::from_secs(1)),
+    );
+    let _ = conn.disconnect(std::time::Duration::from_millis(200));
+    match outcome.errors.into_iter().next() {
+        None if !outcome.receipted.is_empty() => Ok(()),
+        None => Err(OutboxError::Broker("no receipt from the broker".into())),
+        Some(e @ crate::stomp::client::StompError::Broker { .. }) => {
+            Err(OutboxError::Refused(e.to_string()))
+        }
+        Some(e) => Err(OutboxError::Broker(e.to_string())),
+    }
+}
+
 /// Validated user headers from their JSON text (`{}` costs nothing).
 pub fn parse_headers(json: &str) -> Result<headers::Headers> {
     if json == "{}" {
@@ -61,4 +120,15 @@ pub fn parse_headers(json: &str) -> Result<headers::Headers> {
     }
     let value: serde_json::Value = serde_json::from_str(json).expect("jsonb_out yields valid JSON");
     headers::from_json(&value)
+}
+
+finfo_v1!(pg_finfo_outbox_wake);
+
+/// `outbox._wake()`: the workers look at the subscriptions again when the
+/// current transaction commits (called by subscribe/unsubscribe).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_wake(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    crate::wake::arm_subscriptions();
+    pg_sys::Datum::from(0)
 }

@@ -31,8 +31,10 @@ pub enum OutboxError {
         trigger: String,
         problem: TriggerProblem,
     },
-    #[error("{0}")]
+    #[error("could not send to the broker: {0}")]
     Broker(String),
+    #[error("the broker refused the message: {0}")]
+    Refused(String),
 }
 
 /// What is wrong with an outbox trigger's definition or use.
@@ -77,6 +79,7 @@ impl OutboxError {
             OutboxError::Null { .. } => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             OutboxError::TooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             OutboxError::Broker(_) => ERRCODE_CONNECTION_FAILURE,
+            OutboxError::Refused(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             OutboxError::Trigger { problem, .. } => match problem {
                 TriggerProblem::Input(inner) => inner.sqlstate(),
                 TriggerProblem::HeadersJson(_) => ERRCODE_INVALID_TEXT_REPRESENTATION,
@@ -113,8 +116,9 @@ impl OutboxError {
             OutboxError::NegativeDelay => "Pass a delay of zero or more, such as '30 seconds'.",
             OutboxError::Trigger { problem, .. } => return problem.hint(),
             OutboxError::Broker(_) => {
-                "Check that the broker is running and outbox.stomp_* point at it."
+                "Check that the broker is running and that outbox.stomp_* point at it."
             }
+            OutboxError::Refused(_) => "Check that the broker can route the destination.",
         };
         Some(hint.to_string())
     }

@@ -67,7 +67,7 @@ pub fn init() {
             c"",
             &MAX_CONSUMERS,
             0,
-            1024,
+            crate::wake::MAX_CONSUMERS as i32,
             GucContext::Postmaster,
             none,
         );

@@ -19,6 +19,7 @@ mod tests;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/outbox_pg.sql", name = "outbox_pg", bootstrap);
+pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["outbox_pg"]);
 
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {

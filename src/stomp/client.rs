@@ -549,6 +549,12 @@ impl Connection {
         Some(due.saturating_duration_since(Instant::now()))
     }
 
+    /// Puts a frame back in front of the buffered ones (a caller that read
+    /// a frame it is not ready to handle yet).
+    pub fn push_back(&mut self, frame: Frame) {
+        self.inbox.push_front(frame);
+    }
+
     /// True when decoded frames are already buffered (so waiting on the socket would be
     /// wrong).
     pub fn has_buffered(&self) -> bool {

@@ -1,7 +1,10 @@
 //! Background workers: the publisher (one per cluster, serving
-//! `outbox.database`), registered with the postmaster at preload time.
+//! `outbox.database`, registered with the postmaster at preload time), which
+//! also supervises the consumers (one dynamic worker per subscription).
 
+pub mod consumer;
 pub mod publisher;
+pub mod supervisor;
 
 use std::time::Duration;
 

@@ -99,6 +99,9 @@ struct Publisher {
     last_query: Option<Instant>,
     next_due: Option<Instant>,
     idle: bool,
+    supervisor: super::supervisor::Supervisor,
+    /// When the supervisor last checked every subscription.
+    supervised_at: Option<Instant>,
 }
 
 impl Publisher {
@@ -114,6 +117,8 @@ impl Publisher {
             last_query: None,
             next_due: None,
             idle: false,
+            supervisor: Default::default(),
+            supervised_at: None,
         }
     }
 
@@ -147,6 +152,15 @@ impl Publisher {
             self.idle = false;
             return poll;
         }
+        // Consumers: at start, when subscriptions changed, and now and then
+        // (a consumer that could not start is tried again).
+        let force = self
+            .supervised_at
+            .is_none_or(|t| t.elapsed() >= SAFETY_POLL.min(poll * 10));
+        if force {
+            self.supervised_at = Some(Instant::now());
+        }
+        self.supervisor.run(force);
         if self.conn.is_none() {
             if let Some(at) = self.reconnect_at {
                 let now = Instant::now();

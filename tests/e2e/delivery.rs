@@ -363,3 +363,53 @@ fn the_broker_stopping_mid_stream_loses_nothing_and_fails_nothing() {
     }
     assert_eq!(seen.len(), 1500);
 }
+
+#[test]
+fn send_delivers_at_once_without_the_outbox() {
+    let _b = broker::shared_broker();
+    let d = format!("/topic/{}", unique("send"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = shared().client();
+    c.execute(
+        "SELECT outbox.send($1, '{\"direct\": true}', '{\"team\": \"ops\"}')",
+        &[&d],
+    )
+    .unwrap();
+    let m = sub.take(1, Duration::from_secs(5)).remove(0);
+    assert_eq!(m.body_text(), r#"{"direct": true}"#);
+    assert_eq!(m.get("team"), Some("ops"));
+    assert!(m.get("dop-msg-id").is_some());
+    assert_eq!(status_counts(&mut c, &d), (0, 0, 0), "no outbox row");
+
+    let e = c
+        .execute(
+            "SELECT outbox.send($1, '1')",
+            &[&format!("/nonsense/{}", unique("x"))],
+        )
+        .unwrap_err();
+    assert_eq!(outbox_pg_e2e::cluster::sqlstate(&e), "22023", "{e:?}");
+}
+
+#[test]
+fn send_errors_quickly_when_no_broker_listens() {
+    let _b = broker::shared_broker();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cl = cluster(&[&format!("outbox.stomp_hosts = '127.0.0.1:{dead}'")]);
+    let mut c = cl.client();
+    let start = Instant::now();
+    let e = c
+        .execute("SELECT outbox.send('/topic/x', '1')", &[])
+        .unwrap_err();
+    assert_eq!(outbox_pg_e2e::cluster::sqlstate(&e), "08006", "{e:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let msg = e.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("could not send to the broker"), "{msg}");
+}

@@ -1,0 +1,744 @@
+//! A consumer worker: one per subscription, calling its SQL callback once
+//! per message id.
+//!
+//! Vocabulary: the worker *claims* its slot (see supervisor.rs), SUBSCRIBEs
+//! as django-outbox-pattern does (client-individual acks, `x-queue-name`,
+//! the queue headers, a dead-letter queue `DLQ.<queue>` declared first),
+//! and handles each MESSAGE in one transaction: *record* the message id in
+//! `outbox.received` (the unique index decides, so a duplicate — even one
+//! arriving at the same moment — is seen inside the transaction), *call*
+//! the callback in a subtransaction as the subscription's owner, commit,
+//! then ACK. A callback that raises is rolled back and *retried* (NACK with
+//! requeue) until `outbox.maximum_retry_attempts`, then *dead-lettered*
+//! (NACK `requeue:false` → `DLQ.<queue>`); one that returns false is
+//! *discarded* (its work rolled back, dead-lettered).
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::spi::Spi;
+
+use crate::broker::{self, Backoff};
+use crate::guc;
+use crate::stomp::client::{Config, Connection, StompError};
+use crate::stomp::frame::{Command, Frame};
+use crate::wake::{self, SLOTS};
+
+/// Longest sleep between two looks at the subscription and the signals.
+const TICK: Duration = Duration::from_millis(500);
+
+/// One row of `outbox.subscriptions`, as this worker uses it.
+#[derive(PartialEq)]
+struct Subscription {
+    name: String,
+    destination: String,
+    queue: String,
+    callback: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    returns_bool: bool,
+}
+
+/// What to tell the broker about one message.
+enum Verdict {
+    Ack,
+    /// NACK and let the broker deliver it again.
+    Retry,
+    /// NACK with `requeue:false`: to `DLQ.<queue>`.
+    DeadLetter,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let name = BackgroundWorker::get_extra().to_string();
+    let database = guc::text(&guc::DATABASE);
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    if !claim_slot(&name) {
+        // Another worker serves this subscription already.
+        unsafe { pg_sys::proc_exit(0) };
+    }
+    if let Ok(app) = std::ffi::CString::new(name.clone()) {
+        unsafe { pg_sys::pgstat_report_appname(app.as_ptr()) };
+    }
+    let Some(sub) = load(&name) else {
+        release_slot(&name);
+        unsafe { pg_sys::proc_exit(0) };
+    };
+    log!(
+        "outbox consumer \"{name}\" started: {} (queue {})",
+        sub.destination,
+        sub.queue
+    );
+    let code = Consumer::new(sub).run();
+    release_slot_if(&name, code == 0);
+    unsafe { pg_sys::proc_exit(code) };
+}
+
+/// Takes the slot the supervisor reserved for `name` (or a free one after
+/// a restart of shared memory); false if a live worker holds it.
+fn claim_slot(name: &str) -> bool {
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut slots = SLOTS.exclusive();
+    if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+        if s.pid != 0 && s.pid != me && unsafe { !pg_sys::BackendPidGetProc(s.pid).is_null() } {
+            return false;
+        }
+        s.pid = me;
+        return true;
+    }
+    match slots.0.iter_mut().find(|s| !s.used) {
+        Some(s) => {
+            *s = wake::Slot::EMPTY;
+            s.used = true;
+            s.pid = me;
+            s.set_name(name);
+            true
+        }
+        None => false,
+    }
+}
+
+fn release_slot(name: &str) {
+    release_slot_if(name, true);
+}
+
+/// Frees the slot for good (the subscription is gone), or only forgets
+/// the pid (the worker will be restarted into it).
+fn release_slot_if(name: &str, for_good: bool) {
+    let mut slots = SLOTS.exclusive();
+    if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+        if for_good {
+            *s = wake::Slot::EMPTY;
+        } else {
+            s.pid = 0;
+            s.reserved_at = crate::worker::supervisor::now_ms();
+        }
+    }
+}
+
+/// The subscription's row, or None when it no longer exists.
+fn load(name: &str) -> Option<Subscription> {
+    BackgroundWorker::transaction(|| {
+        let exists = Spi::get_one::<bool>(
+            "SELECT pg_catalog.to_regclass('outbox.subscriptions') IS NOT NULL",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !exists {
+            return None;
+        }
+        Spi::connect(|c| {
+            let mut rows = c
+                .select(
+                    "SELECT s.destination, s.queue, s.callback::oid, s.owner::oid, p.prorettype = 'boolean'::regtype \
+                     FROM outbox.subscriptions s JOIN pg_catalog.pg_proc p ON p.oid = s.callback \
+                     WHERE s.name = $1",
+                    None,
+                    &[DatumWithOid::from(name)],
+                )
+                .ok()?;
+            let r = rows.next()?;
+            Some(Subscription {
+                name: name.to_string(),
+                destination: r.get::<String>(1).ok()??,
+                queue: r.get::<String>(2).ok()??,
+                callback: r.get::<pg_sys::Oid>(3).ok()??,
+                owner: r.get::<pg_sys::Oid>(4).ok()??,
+                returns_bool: r.get::<bool>(5).ok()??,
+            })
+        })
+    })
+}
+
+struct Consumer {
+    sub: Subscription,
+    config: Config,
+    conn: Option<Connection>,
+    backoff: Backoff,
+    reconnect_at: Option<Instant>,
+    next_host: usize,
+    logged: Option<String>,
+    generation: u64,
+    /// The callback, resolved once (TopMemoryContext).
+    finfo: *mut pg_sys::FmgrInfo,
+    message_type: pg_sys::Oid,
+}
+
+impl Consumer {
+    fn new(sub: Subscription) -> Consumer {
+        // Catalog lookups need a transaction.
+        let callback = sub.callback;
+        let (finfo, message_type) = BackgroundWorker::transaction(|| unsafe {
+            let finfo = pg_sys::MemoryContextAllocZero(
+                pg_sys::TopMemoryContext,
+                size_of::<pg_sys::FmgrInfo>(),
+            )
+            .cast::<pg_sys::FmgrInfo>();
+            pg_sys::fmgr_info_cxt(callback, finfo, pg_sys::TopMemoryContext);
+            let t = Spi::get_one::<pg_sys::Oid>("SELECT 'outbox.message'::regtype::oid")
+                .ok()
+                .flatten();
+            (finfo as usize, t.unwrap_or(pg_sys::InvalidOid))
+        });
+        let finfo = finfo as *mut pg_sys::FmgrInfo;
+        Consumer {
+            sub,
+            config: broker::config(),
+            conn: None,
+            backoff: Backoff::default(),
+            reconnect_at: None,
+            next_host: 0,
+            logged: None,
+            generation: wake::SHARED
+                .get()
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Acquire),
+            finfo,
+            message_type,
+        }
+    }
+
+    /// The worker's life; returns its exit code (0: gone for good).
+    fn run(&mut self) -> i32 {
+        loop {
+            if BackgroundWorker::sigterm_received() {
+                self.disconnect();
+                // Terminated, not unsubscribed: come back.
+                return 1;
+            }
+            if BackgroundWorker::sighup_received() {
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                let config = broker::config();
+                if config != self.config {
+                    log!(
+                        "outbox consumer \"{}\": broker settings changed, reconnecting",
+                        self.sub.name
+                    );
+                    self.config = config;
+                    self.disconnect();
+                    self.reconnect_at = None;
+                }
+            }
+            let generation = wake::SHARED
+                .get()
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Acquire);
+            if generation != self.generation {
+                self.generation = generation;
+                match load(&self.sub.name) {
+                    None => {
+                        log!(
+                            "outbox consumer \"{}\": unsubscribed, stopping",
+                            self.sub.name
+                        );
+                        self.disconnect();
+                        return 0;
+                    }
+                    Some(s) if s != self.sub => {
+                        log!(
+                            "outbox consumer \"{}\": subscription changed, restarting",
+                            self.sub.name
+                        );
+                        self.disconnect();
+                        return 1;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if self.conn.is_none() && !self.connect() {
+                let wait = self
+                    .reconnect_at
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+                    .unwrap_or(TICK);
+                if !BackgroundWorker::wait_latch(Some(wait.min(TICK).max(Duration::from_millis(1))))
+                {
+                    self.disconnect();
+                    return 1;
+                }
+                continue;
+            }
+            if let Err(e) = self.pump() {
+                let host = self
+                    .conn
+                    .as_ref()
+                    .map(|c| c.host().to_string())
+                    .unwrap_or_default();
+                self.lost(format!("connection to {host} lost: {e}"));
+                continue;
+            }
+            if !self.wait() {
+                self.disconnect();
+                return 1;
+            }
+        }
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.disconnect(Duration::from_millis(500));
+        }
+    }
+
+    fn problem(&mut self, what: String) {
+        if self.logged.as_deref() != Some(what.as_str()) {
+            warning!("outbox consumer \"{}\": {what}", self.sub.name);
+            self.logged = Some(what);
+        }
+    }
+
+    fn lost(&mut self, why: String) {
+        self.conn = None;
+        self.next_host += 1;
+        self.problem(why);
+        self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
+    }
+
+    /// Connects and subscribes; false (with a backoff set) on failure.
+    fn connect(&mut self) -> bool {
+        if let Some(at) = self.reconnect_at
+            && at > Instant::now()
+        {
+            return false;
+        }
+        if self.config.hosts.is_empty() {
+            self.problem("outbox.stomp_hosts is empty".into());
+            self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
+            return false;
+        }
+        let host = self.config.hosts[self.next_host % self.config.hosts.len()].clone();
+        let result = Connection::open(&self.config, &host).and_then(|mut c| {
+            subscribe(&mut c, &self.sub)?;
+            Ok(c)
+        });
+        match result {
+            Ok(c) => {
+                self.logged = None;
+                log!(
+                    "outbox consumer \"{}\": subscribed to {} at {host}",
+                    self.sub.name,
+                    self.sub.destination
+                );
+                self.conn = Some(c);
+                self.backoff.reset();
+                self.reconnect_at = None;
+                true
+            }
+            Err(e) => {
+                let why = match &e {
+                    StompError::Broker { message, .. } if message.contains("precondition") => {
+                        format!(
+                            "the broker refused to subscribe to {} (queue {}): {e}; the queue exists with other \
+                         arguments (outbox.stomp_queue_headers, dead-letter headers)",
+                            self.sub.destination, self.sub.queue
+                        )
+                    }
+                    _ => format!("could not subscribe at {host}: {e}"),
+                };
+                self.next_host += 1;
+                self.problem(why);
+                self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
+                false
+            }
+        }
+    }
+
+    /// Handles every message already received; ACKs/NACKs go out together.
+    fn pump(&mut self) -> Result<(), StompError> {
+        let mut handled = 0;
+        loop {
+            let frame = match self
+                .conn
+                .as_mut()
+                .expect("connected")
+                .read_frame(Duration::ZERO)?
+            {
+                Some(f) => f,
+                None => break,
+            };
+            if frame.command != Command::Message {
+                continue;
+            }
+            let verdict = self.handle(&frame);
+            let ack = frame
+                .get("ack")
+                .or(frame.get("message-id"))
+                .unwrap_or_default()
+                .to_string();
+            let reply = match verdict {
+                Verdict::Ack => Frame::new(Command::Ack).header("id", ack),
+                Verdict::Retry => Frame::new(Command::Nack)
+                    .header("id", ack)
+                    .header("requeue", "true"),
+                Verdict::DeadLetter => Frame::new(Command::Nack)
+                    .header("id", ack)
+                    .header("requeue", "false"),
+            };
+            let conn = self.conn.as_mut().expect("connected");
+            conn.queue(&reply)?;
+            handled += 1;
+            if handled % 64 == 0 {
+                conn.flush()?;
+            }
+        }
+        let conn = self.conn.as_mut().expect("connected");
+        conn.flush()?;
+        conn.keepalive()
+    }
+
+    /// Sleeps until the socket is readable, the latch is set, or a tick
+    /// passes; false when the worker must exit.
+    fn wait(&mut self) -> bool {
+        let conn = self.conn.as_ref().expect("connected");
+        if conn.has_buffered() {
+            return true;
+        }
+        let mut timeout = TICK;
+        if let Some(k) = conn.keepalive_due_in() {
+            timeout = timeout.min(k.max(Duration::from_millis(1)));
+        }
+        let events = unsafe {
+            let rc = pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET
+                    | pg_sys::WL_SOCKET_READABLE
+                    | pg_sys::WL_TIMEOUT
+                    | pg_sys::WL_POSTMASTER_DEATH) as i32,
+                conn.as_raw_fd(),
+                timeout.as_millis() as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+            rc
+        };
+        events & pg_sys::WL_POSTMASTER_DEATH as i32 == 0
+    }
+
+    /// One message, one transaction: record, call, commit.
+    fn handle(&mut self, m: &Frame) -> Verdict {
+        let id = message_id(m);
+        let destination = m.get("destination").unwrap_or_default().to_string();
+        let headers = headers_json(m);
+        let redelivered = m.get("redelivered") == Some("true");
+        let body = std::str::from_utf8(&m.body)
+            .ok()
+            .filter(|b| serde_json::from_str::<serde_json::Value>(b).is_ok());
+        let max = guc::MAXIMUM_RETRY_ATTEMPTS.get();
+        let sub = &self.sub;
+        let (finfo, message_type) = (self.finfo, self.message_type);
+        let verdict = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            let Some(body) = body else {
+                record_malformed(&id, sub, &destination, &headers);
+                return Verdict::DeadLetter;
+            };
+            let Some(attempts) = record(&id, sub, &destination, &headers, body) else {
+                return Verdict::Ack; // consumed or discarded before: the effect happened once
+            };
+            let outcome = unsafe {
+                call_in_subtransaction(|| {
+                    call(
+                        finfo,
+                        sub,
+                        message_type,
+                        &id,
+                        &destination,
+                        &headers,
+                        body,
+                        redelivered,
+                    )
+                })
+            };
+            match outcome {
+                Ok(Some(false)) => {
+                    finish(&id, "discarded", None);
+                    Verdict::DeadLetter
+                }
+                Ok(_) => {
+                    finish(&id, "consumed", None);
+                    Verdict::Ack
+                }
+                Err(why) => {
+                    finish(&id, "failed", Some(&why));
+                    if attempts >= max {
+                        Verdict::DeadLetter
+                    } else {
+                        Verdict::Retry
+                    }
+                }
+            }
+        }));
+        if let Verdict::DeadLetter = verdict {
+            debug1!(
+                "outbox consumer \"{}\": message {id} sent to DLQ.{}",
+                self.sub.name,
+                self.sub.queue
+            );
+        }
+        verdict
+    }
+}
+
+/// SUBSCRIBE as django-outbox-pattern does, after declaring the DLQ.
+fn subscribe(c: &mut Connection, sub: &Subscription) -> Result<(), StompError> {
+    let dlq = format!("DLQ.{}", sub.queue);
+    let queue_headers: Vec<(String, String)> =
+        match serde_json::from_str::<serde_json::Value>(&guc::text(&guc::STOMP_QUEUE_HEADERS)) {
+            Ok(serde_json::Value::Object(map)) => map
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    serde_json::Value::String(s) => Some((k, s)),
+                    serde_json::Value::Number(n) => Some((k, n.to_string())),
+                    serde_json::Value::Bool(b) => Some((k, b.to_string())),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+    // Declare the dead-letter queue: subscribe without acking anything and
+    // leave (anything delivered meanwhile goes back to it).
+    let declare = Frame::new(Command::Subscribe)
+        .header("id", "dlq")
+        .header("destination", format!("/queue/{dlq}"))
+        .header("ack", "client-individual")
+        .header("prefetch-count", "1")
+        .header("durable", "true")
+        .header("auto-delete", "false")
+        .header("receipt", "dlq-declared");
+    c.queue(&declare)?;
+    c.queue(
+        &Frame::new(Command::Unsubscribe)
+            .header("id", "dlq")
+            .header("receipt", "dlq-left"),
+    )?;
+    let mut frame = Frame::new(Command::Subscribe)
+        .header("id", "0")
+        .header("destination", &sub.destination)
+        .header("ack", "client-individual")
+        .header("x-queue-name", &sub.queue);
+    for (k, v) in &queue_headers {
+        frame = frame.header(k, v);
+        if k == "prefetch-count" {
+            frame = frame.header("activemq.prefetchSize", v);
+        }
+    }
+    frame = frame
+        .header("x-dead-letter-exchange", "")
+        .header("x-dead-letter-routing-key", &dlq)
+        .header("receipt", "subscribed");
+    c.queue(&frame)?;
+    c.flush()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(StompError::Timeout("receipt"));
+        }
+        // Messages may arrive before the receipt: they stay buffered for pump().
+        match c.read_frame(left)? {
+            Some(f)
+                if f.command == Command::Receipt && f.get("receipt-id") == Some("subscribed") =>
+            {
+                return Ok(());
+            }
+            Some(f) if f.command == Command::Message => {
+                c.push_back(f);
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// cap-msg-id, else dop-msg-id, else amqp-message-id, else message-id.
+fn message_id(m: &Frame) -> String {
+    ["cap-msg-id", "dop-msg-id", "amqp-message-id", "message-id"]
+        .iter()
+        .find_map(|h| m.get(h).filter(|v| !v.is_empty()))
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn headers_json(m: &Frame) -> String {
+    let mut map = serde_json::Map::new();
+    for (k, v) in &m.headers {
+        map.entry(k.clone())
+            .or_insert_with(|| serde_json::Value::String(v.clone()));
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Records the message id; Some(attempts) when the callback must run (new,
+/// or failed before), None when it was consumed or discarded already.
+fn record(
+    id: &str,
+    sub: &Subscription,
+    destination: &str,
+    headers: &str,
+    body: &str,
+) -> Option<i32> {
+    Spi::connect_mut(|c| {
+        c.update(
+            "INSERT INTO outbox.received AS r (message_id, subscription, destination, headers, body, status) \
+             VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'consumed') \
+             ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts + 1, subscription = excluded.subscription, \
+                 body = excluded.body, headers = excluded.headers \
+             WHERE r.status = 'failed' \
+             RETURNING r.attempts",
+            None,
+            &[
+                DatumWithOid::from(id),
+                DatumWithOid::from(sub.name.as_str()),
+                DatumWithOid::from(destination),
+                DatumWithOid::from(headers),
+                DatumWithOid::from(body),
+            ],
+        )
+        .ok()?
+        .next()
+        .and_then(|r| r.get::<i32>(1).ok().flatten())
+    })
+}
+
+fn record_malformed(id: &str, sub: &Subscription, destination: &str, headers: &str) {
+    Spi::connect_mut(|c| {
+        let _ = c.update(
+            "INSERT INTO outbox.received AS r (message_id, subscription, destination, headers, status, last_error, processed_at) \
+             VALUES ($1, $2, $3, $4::jsonb, 'failed', 'malformed body: not JSON', pg_catalog.clock_timestamp()) \
+             ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts + 1, last_error = excluded.last_error, \
+                 processed_at = excluded.processed_at WHERE r.status = 'failed'",
+            None,
+            &[
+                DatumWithOid::from(id),
+                DatumWithOid::from(sub.name.as_str()),
+                DatumWithOid::from(destination),
+                DatumWithOid::from(headers),
+            ],
+        );
+    });
+    warning!(
+        "outbox consumer \"{}\": message {id} is not JSON; sent to DLQ.{}",
+        sub.name,
+        sub.queue
+    );
+}
+
+fn finish(id: &str, status: &str, error: Option<&str>) {
+    Spi::connect_mut(|c| {
+        c.update(
+            "UPDATE outbox.received SET status = $2::outbox.receipt_status, last_error = $3, \
+                 processed_at = pg_catalog.clock_timestamp() WHERE message_id = $1",
+            None,
+            &[
+                DatumWithOid::from(id),
+                DatumWithOid::from(status),
+                DatumWithOid::from(error),
+            ],
+        )
+        .unwrap_or_else(|e| error!("outbox consumer: could not record message {id}: {e}"));
+    });
+}
+
+/// Runs `f` in a subtransaction: its work is kept on success and rolled
+/// back on error, whose message is returned.
+unsafe fn call_in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+        let result = pgrx::PgTryBuilder::new(AssertUnwindSafe(|| {
+            let r = f();
+            pg_sys::ReleaseCurrentSubTransaction();
+            Ok(r)
+        }))
+        .catch_others(|e| {
+            pg_sys::MemoryContextSwitchTo(cxt);
+            let message = match &e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+                    r.message().to_string()
+                }
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            };
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            Err(message)
+        })
+        .execute();
+        pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
+}
+
+/// Calls the callback with an `outbox.message`, as the subscription's
+/// owner in a security-restricted operation (no SET ROLE, no escaping to
+/// the worker's superuser). Some(b) for a boolean result.
+#[allow(clippy::too_many_arguments)]
+fn call(
+    finfo: *mut pg_sys::FmgrInfo,
+    sub: &Subscription,
+    message_type: pg_sys::Oid,
+    id: &str,
+    destination: &str,
+    headers: &str,
+    body: &str,
+    redelivered: bool,
+) -> Option<bool> {
+    unsafe {
+        let desc = pg_sys::lookup_rowtype_tupdesc(message_type, -1);
+        let headers_c = std::ffi::CString::new(headers).unwrap_or_default();
+        let body_c = std::ffi::CString::new(body).unwrap_or_default();
+        let jsonb = |c: &std::ffi::CString| {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::jsonb_in,
+                &[Some(pg_sys::Datum::from(c.as_ptr()))],
+            )
+            .expect("jsonb_in returns a value")
+        };
+        let text = |s: &str| {
+            pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+                s.as_ptr().cast(),
+                s.len() as i32,
+            ))
+        };
+        let mut values = [
+            text(id),
+            text(destination),
+            jsonb(&headers_c),
+            jsonb(&body_c),
+            pg_sys::Datum::from(redelivered),
+        ];
+        let mut nulls = [false; 5];
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let row = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        pg_sys::DecrTupleDescRefCount(desc);
+
+        let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(
+            sub.owner,
+            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
+                as i32,
+        );
+        let size =
+            size_of::<pg_sys::FunctionCallInfoBaseData>() + size_of::<pg_sys::NullableDatum>();
+        let fcinfo = pg_sys::palloc0(size).cast::<pg_sys::FunctionCallInfoBaseData>();
+        (*fcinfo).flinfo = finfo;
+        (*fcinfo).nargs = 1;
+        (*fcinfo).fncollation = pg_sys::InvalidOid;
+        (*fcinfo).args.as_mut_slice(1)[0] = pg_sys::NullableDatum {
+            value: row,
+            isnull: false,
+        };
+        let f = (*finfo).fn_addr.expect("fmgr_info sets fn_addr");
+        // An error unwinds past the restore below: aborting the
+        // subtransaction restores the user id.
+        let result = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| f(fcinfo));
+        pg_sys::SetUserIdAndSecContext(user, sec);
+        (sub.returns_bool && !(*fcinfo).isnull).then(|| result.value() != 0)
+    }
+}

@@ -1,0 +1,124 @@
+//! The supervisor (run by the publisher worker): keeps one consumer worker
+//! per row of `outbox.subscriptions`, started as a dynamic background worker
+//! in a reserved shared-memory *slot*. A consumer stops itself when its
+//! subscription goes away; the postmaster restarts one that crashed.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
+use pgrx::prelude::*;
+use pgrx::spi::Spi;
+
+use crate::guc;
+use crate::wake::{self, SLOTS};
+
+/// A reservation whose worker never took it is given up after this long.
+const STALE_RESERVATION_MS: i64 = 10_000;
+
+#[derive(Default)]
+pub struct Supervisor {
+    /// The subscriptions generation last acted on.
+    seen: Option<u64>,
+    /// The last problem logged (logged once).
+    logged: Option<String>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Supervisor {
+    /// Starts the missing consumers when subscriptions changed (or `force`).
+    pub fn run(&mut self, force: bool) {
+        let generation = wake::SHARED.get().subscriptions.load(Ordering::Acquire);
+        if !force && self.seen == Some(generation) {
+            return;
+        }
+        self.seen = Some(generation);
+        let names: Vec<String> = BackgroundWorker::transaction(|| {
+            let exists = Spi::get_one::<bool>(
+                "SELECT pg_catalog.to_regclass('outbox.subscriptions') IS NOT NULL",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+            if !exists {
+                return Vec::new();
+            }
+            Spi::connect(|c| {
+                c.select(
+                    "SELECT name FROM outbox.subscriptions ORDER BY created, name",
+                    None,
+                    &[],
+                )
+                .map(|rows| {
+                    rows.filter_map(|r| r.get::<String>(1).ok().flatten())
+                        .collect()
+                })
+                .unwrap_or_default()
+            })
+        });
+        let limit = (guc::MAX_CONSUMERS.get().max(0) as usize).min(wake::MAX_CONSUMERS);
+        for name in names {
+            if let Err(problem) = self.ensure(&name, limit) {
+                if self.logged.as_deref() != Some(problem.as_str()) {
+                    warning!("outbox supervisor: {problem}");
+                    self.logged = Some(problem);
+                }
+            }
+        }
+    }
+
+    /// Makes sure a worker runs (or is starting) for `name`.
+    fn ensure(&mut self, name: &str, limit: usize) -> Result<(), String> {
+        let index = {
+            let mut slots = SLOTS.exclusive();
+            let now = now_ms();
+            if let Some(s) = slots.0.iter().find(|s| s.used && s.name() == name) {
+                let stale = s.pid == 0 && now - s.reserved_at > STALE_RESERVATION_MS;
+                if !stale {
+                    return Ok(());
+                }
+            }
+            if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+                *s = wake::Slot::EMPTY;
+            }
+            if slots.0.iter().filter(|s| s.used).count() >= limit {
+                return Err(format!(
+                    "subscription \"{name}\" has no consumer: outbox.max_consumers ({limit}) are running"
+                ));
+            }
+            let Some((i, slot)) = slots.0.iter_mut().enumerate().find(|(_, s)| !s.used) else {
+                return Err(format!(
+                    "subscription \"{name}\" has no consumer: no free slot"
+                ));
+            };
+            *slot = wake::Slot::EMPTY;
+            slot.used = true;
+            slot.reserved_at = now;
+            slot.set_name(name);
+            i
+        };
+        let started = BackgroundWorkerBuilder::new(&format!("outbox consumer {name}"))
+            .set_type("outbox consumer")
+            .set_library("outbox_pg")
+            .set_function("outbox_consumer_main")
+            .set_extra(name)
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load_dynamic();
+        if let Err(e) = started {
+            SLOTS.exclusive().0[index] = wake::Slot::EMPTY;
+            return Err(format!(
+                "could not start a consumer for subscription \"{name}\" ({e:?}); raise max_worker_processes"
+            ));
+        }
+        debug1!("outbox supervisor: started a consumer for subscription \"{name}\"");
+        Ok(())
+    }
+}
