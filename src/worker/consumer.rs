@@ -440,18 +440,23 @@ impl Consumer {
                 return Verdict::Ack; // consumed or discarded before: the effect happened once
             };
             let outcome = unsafe {
-                call_in_subtransaction(|| {
-                    call(
-                        finfo,
-                        sub,
-                        message_type,
-                        &id,
-                        &destination,
-                        &headers,
-                        body,
-                        redelivered,
-                    )
-                })
+                call_in_subtransaction(
+                    || {
+                        call(
+                            finfo,
+                            sub,
+                            message_type,
+                            &id,
+                            &destination,
+                            &headers,
+                            body,
+                            redelivered,
+                        )
+                    },
+                    // A callback that returns false discards the message:
+                    // nothing it wrote persists.
+                    |r| *r != Some(false),
+                )
             };
             match outcome {
                 Ok(Some(false)) => {
@@ -643,9 +648,12 @@ fn finish(id: &str, status: &str, error: Option<&str>) {
     });
 }
 
-/// Runs `f` in a subtransaction: its work is kept on success and rolled
-/// back on error, whose message is returned.
-unsafe fn call_in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// Runs `f` in a subtransaction: its work is kept when `keep` approves the
+/// result, rolled back otherwise and on error (whose message is returned).
+unsafe fn call_in_subtransaction<R>(
+    f: impl FnOnce() -> R,
+    keep: impl FnOnce(&R) -> bool,
+) -> Result<R, String> {
     unsafe {
         let cxt = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
@@ -653,7 +661,11 @@ unsafe fn call_in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> 
         pg_sys::MemoryContextSwitchTo(cxt);
         let result = pgrx::PgTryBuilder::new(AssertUnwindSafe(|| {
             let r = f();
-            pg_sys::ReleaseCurrentSubTransaction();
+            if keep(&r) {
+                pg_sys::ReleaseCurrentSubTransaction();
+            } else {
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            }
             Ok(r)
         }))
         .catch_others(|e| {

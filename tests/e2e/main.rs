@@ -3,6 +3,7 @@
 
 mod api;
 mod delivery;
+mod inbox;
 mod regress;
 
 use std::sync::OnceLock;

@@ -1,0 +1,529 @@
+//! The inbox end to end: outbox.subscribe() → a consumer worker → the real
+//! broker → the SQL callback, once per message id.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use outbox_pg_e2e::broker::{self, Subscriber};
+use outbox_pg_e2e::cluster::sqlstate;
+use outbox_pg_e2e::{Cluster, unique, wait_for};
+use postgres::Client;
+
+const SETTINGS: &[&str] = &[
+    "outbox.poll_interval = '10s'",
+    "outbox.maximum_retry_attempts = 3",
+    "outbox.maximum_backoff = '500ms'",
+    "outbox.max_consumers = 32",
+    // Test queues disappear two minutes after their consumer left.
+    r#"outbox.stomp_queue_headers = '{"durable":"true","auto-delete":"false","prefetch-count":"20","x-expires":"120000"}'"#,
+];
+
+fn shared() -> &'static Cluster {
+    static C: OnceLock<Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        unsafe extern "C" {
+            fn atexit(cb: extern "C" fn()) -> i32;
+        }
+        extern "C" fn stop() {
+            if let Some(c) = C.get() {
+                unsafe { std::ptr::drop_in_place(c as *const Cluster as *mut Cluster) };
+            }
+        }
+        unsafe { atexit(stop) };
+        let c = Cluster::start(SETTINGS);
+        c.execute(
+            "postgres",
+            "CREATE TABLE effects (subscription text, message_id text, body jsonb, who text);
+             CREATE FUNCTION record_effect(m outbox.message) RETURNS void LANGUAGE sql AS
+               $$ INSERT INTO effects VALUES (m.headers->>'sub', m.message_id, m.body, current_user) $$;
+             CREATE FUNCTION always_fails(m outbox.message) RETURNS void LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO effects VALUES ('fails', m.message_id, m.body, current_user);
+                        RAISE EXCEPTION 'callback says no to %', m.body; END $$;
+             CREATE FUNCTION rejects(m outbox.message) RETURNS boolean LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO effects VALUES ('rejects', m.message_id, m.body, current_user);
+                        RETURN (m.body->>'keep')::boolean; END $$;
+             GRANT ALL ON effects TO PUBLIC;",
+        );
+        c
+    })
+}
+
+/// A topic routing key and its queue, unique to the test.
+fn topic(prefix: &str) -> (String, String) {
+    let q = unique(prefix);
+    (format!("/topic/{q}"), q)
+}
+
+/// Subscribes and waits until the consumer is subscribed at the broker.
+fn subscribe(cl: &Cluster, c: &mut Client, name: &str, destination: &str, callback: &str) {
+    c.execute(
+        "SELECT outbox.subscribe($1, $2, $3::text::regprocedure)",
+        &[&name, &destination, &callback],
+    )
+    .unwrap();
+    let line = format!("outbox consumer \"{name}\": subscribed to {destination}");
+    wait_for(&line, Duration::from_secs(10), || {
+        cl.log().contains(&line).then_some(())
+    });
+}
+
+fn effects(c: &mut Client, body_like: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM effects WHERE body::text LIKE $1",
+        &[&body_like],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn received(c: &mut Client, sub: &str) -> Vec<(String, String, i32)> {
+    c.query(
+        "SELECT message_id, status::text, attempts FROM outbox.received WHERE subscription = $1 ORDER BY id",
+        &[&sub],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// Sends raw STOMP messages (to set message ids by hand).
+fn send_raw(destination: &str, messages: &[(&[(&str, &str)], &str)]) {
+    use broker::stomp::client::{Connection, send_batch};
+    use broker::stomp::frame::{Command, Frame};
+    let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
+    let frames: Vec<Frame> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, (headers, body))| {
+            let mut f = Frame::new(Command::Send)
+                .header("destination", destination)
+                .header("receipt", format!("r{i}"))
+                .header("persistent", "true");
+            for (k, v) in *headers {
+                f = f.header(*k, *v);
+            }
+            f.body(body.as_bytes().to_vec())
+        })
+        .collect();
+    let out = send_batch(&mut conn, &frames, Duration::from_secs(10));
+    assert!(out.all_ok(), "{:?}", out.errors);
+}
+
+#[test]
+fn publish_to_callback_round_trip_once_per_message() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let (d, _) = topic("round");
+    let name = unique("round");
+    subscribe(cl, &mut c, &name, &d, "record_effect(outbox.message)");
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('round', i), jsonb_build_object('sub', $2::text))
+         FROM generate_series(1, 50) i",
+        &[&d, &name],
+    )
+    .unwrap();
+    wait_for("50 consumed", Duration::from_secs(20), || {
+        (received(&mut c, &name)
+            .iter()
+            .filter(|r| r.1 == "consumed")
+            .count()
+            == 50)
+            .then_some(())
+    });
+    let n: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT message_id) FROM effects WHERE subscription = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50, "one effect per message");
+    let ids_match: bool = c
+        .query_one(
+            "SELECT bool_and(r.message_id = p.message_id::text) FROM outbox.received r
+             JOIN outbox.published p ON p.message_id::text = r.message_id WHERE r.subscription = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ids_match, "the inbox records dop-msg-id");
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
+#[test]
+fn the_same_message_id_takes_effect_once_even_concurrently() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let (d, q) = topic("dup");
+    let (a, b) = (unique("dupa"), unique("dupb"));
+    // Two consumers on one queue: duplicates reach both at the same moment.
+    for name in [&a, &b] {
+        c.execute(
+            "SELECT outbox.subscribe($1, $2, 'record_effect(outbox.message)'::regprocedure, $3)",
+            &[name, &d, &q],
+        )
+        .unwrap();
+        let line = format!("outbox consumer \"{name}\": subscribed to {d}");
+        wait_for(&line, Duration::from_secs(10), || {
+            cl.log().contains(&line).then_some(())
+        });
+    }
+    let id = unique("same-id");
+    let h: &[(&str, &str)] = &[("dop-msg-id", &id)];
+    send_raw(
+        &d,
+        &[
+            (h, r#"{"dup": 1}"#),
+            (h, r#"{"dup": 1}"#),
+            (h, r#"{"dup": 1}"#),
+            (h, r#"{"dup": 1}"#),
+            (h, r#"{"dup": 1}"#),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM effects WHERE message_id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "five deliveries of one id, one effect");
+    let (status, attempts): (String, i32) = c
+        .query_one(
+            "SELECT status::text, attempts FROM outbox.received WHERE message_id = $1",
+            &[&id],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((status.as_str(), attempts), ("consumed", 1));
+    for name in [&a, &b] {
+        c.execute("SELECT outbox.unsubscribe($1)", &[name]).unwrap();
+    }
+}
+
+#[test]
+fn the_message_id_is_taken_in_order_of_precedence() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let (d, _) = topic("prec");
+    let name = unique("prec");
+    subscribe(cl, &mut c, &name, &d, "record_effect(outbox.message)");
+    let (cap, dop, amqp) = (unique("cap"), unique("dop"), unique("amqp"));
+    send_raw(
+        &d,
+        &[
+            (
+                &[
+                    ("cap-msg-id", &cap),
+                    ("dop-msg-id", "x1"),
+                    ("amqp-message-id", "y1"),
+                ],
+                r#"{"p": 1}"#,
+            ),
+            (
+                &[("dop-msg-id", &dop), ("amqp-message-id", "y2")],
+                r#"{"p": 2}"#,
+            ),
+            (&[("amqp-message-id", &amqp)], r#"{"p": 3}"#),
+            (&[], r#"{"p": 4}"#),
+        ],
+    );
+    let rows = wait_for("4 received", Duration::from_secs(10), || {
+        let r = received(&mut c, &name);
+        (r.len() == 4).then_some(r)
+    });
+    assert_eq!(rows[0].0, cap);
+    assert_eq!(rows[1].0, dop);
+    assert_eq!(rows[2].0, amqp);
+    assert!(
+        rows[3].0.starts_with("T_"),
+        "the broker's message-id: {}",
+        rows[3].0
+    );
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
+#[test]
+fn failing_rejecting_and_malformed_messages_go_to_the_dead_letter_queue() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    // A raising callback: retried up to maximum_retry_attempts, then DLQ.
+    let (d, q) = topic("fail");
+    let mut dlq = Subscriber::with_headers(
+        &format!("/queue/DLQ.{q}"),
+        &[("durable", "true"), ("auto-delete", "false")],
+    );
+    let name = unique("fail");
+    subscribe(cl, &mut c, &name, &d, "always_fails(outbox.message)");
+    c.execute("SELECT outbox.publish($1, '{\"fails\": 1}')", &[&d])
+        .unwrap();
+    let dead = dlq.take(1, Duration::from_secs(20)).remove(0);
+    assert_eq!(dead.body_text(), r#"{"fails": 1}"#);
+    let (status, attempts, error): (String, i32, String) = c
+        .query_one("SELECT status::text, attempts, last_error FROM outbox.received WHERE subscription = $1", &[&name])
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap();
+    assert_eq!((status.as_str(), attempts), ("failed", 3));
+    assert!(error.contains("callback says no"), "{error}");
+    assert_eq!(
+        effects(&mut c, "{\"fails\": 1}"),
+        0,
+        "the callback's work was rolled back each time"
+    );
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+
+    // A callback returning false: discarded, nothing it wrote persists.
+    let (d, q) = topic("reject");
+    let mut dlq = Subscriber::with_headers(
+        &format!("/queue/DLQ.{q}"),
+        &[("durable", "true"), ("auto-delete", "false")],
+    );
+    let name = unique("reject");
+    subscribe(cl, &mut c, &name, &d, "rejects(outbox.message)");
+    c.execute("SELECT outbox.publish($1, '{\"keep\": false}'); ", &[&d])
+        .unwrap();
+    c.execute("SELECT outbox.publish($1, '{\"keep\": true}'); ", &[&d])
+        .unwrap();
+    assert_eq!(
+        dlq.take(1, Duration::from_secs(10))[0].body_text(),
+        r#"{"keep": false}"#
+    );
+    let statuses: Vec<String> = wait_for("two received", Duration::from_secs(10), || {
+        let r = received(&mut c, &name);
+        (r.len() == 2).then(|| r.into_iter().map(|x| x.1).collect())
+    });
+    assert_eq!(statuses, ["discarded", "consumed"]);
+    assert_eq!(effects(&mut c, "{\"keep\": false}"), 0);
+    assert_eq!(effects(&mut c, "{\"keep\": true}"), 1);
+    assert!(dlq.next(Duration::from_millis(300)).is_none());
+
+    // A body that is not JSON: straight to the DLQ, the reason recorded.
+    send_raw(
+        &d,
+        &[(&[("dop-msg-id", "not-json-1")], "this is { not json")],
+    );
+    assert_eq!(
+        dlq.take(1, Duration::from_secs(10))[0].body_text(),
+        "this is { not json"
+    );
+    let error: String = wait_for(
+        "the malformed message recorded",
+        Duration::from_secs(5),
+        || {
+            c.query_opt(
+                "SELECT last_error FROM outbox.received WHERE message_id = 'not-json-1'",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get(0))
+        },
+    );
+    assert!(error.contains("not JSON"), "{error}");
+    // ... and the consumer keeps going.
+    c.execute(
+        "SELECT outbox.publish($1, '{\"keep\": true, \"after\": 1}')",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("the next message", Duration::from_secs(10), || {
+        (effects(&mut c, "%\"after\": 1%") == 1).then_some(())
+    });
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
+#[test]
+fn unsubscribe_stops_within_a_second_and_resubscribe_picks_up_the_backlog() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let (d, _) = topic("unsub");
+    let name = unique("unsub");
+    subscribe(cl, &mut c, &name, &d, "record_effect(outbox.message)");
+    let consumers = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox consumer' AND application_name = $1", &[&name])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(consumers(&mut c), 1);
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+    let start = Instant::now();
+    wait_for("the consumer to stop", Duration::from_secs(3), || {
+        (consumers(&mut c) == 0).then_some(())
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(1) + Duration::from_millis(300),
+        "{:?}",
+        start.elapsed()
+    );
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('unsub', i)) FROM generate_series(1, 10) i",
+        &[&d],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(effects(&mut c, "{\"unsub\":%"), 0);
+    c.execute(
+        "SELECT outbox.subscribe($1, $2, 'record_effect(outbox.message)'::regprocedure)",
+        &[&name, &d],
+    )
+    .unwrap();
+    wait_for("the backlog", Duration::from_secs(15), || {
+        (effects(&mut c, "{\"unsub\":%") == 10).then_some(())
+    });
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
+#[test]
+fn a_killed_consumer_restarts_and_loses_nothing() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let (d, _) = topic("kill");
+    let name = unique("kill");
+    subscribe(cl, &mut c, &name, &d, "record_effect(outbox.message)");
+    let pid: i32 = c
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('kill', i)) FROM generate_series(1, 20) i",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("a new consumer", Duration::from_secs(5), || {
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> $2",
+            &[&name, &pid],
+        )
+        .unwrap()
+        .map(|_| ())
+    });
+    wait_for("all 20", Duration::from_secs(15), || {
+        (effects(&mut c, "{\"kill\":%") == 20).then_some(())
+    });
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
+#[test]
+fn callbacks_run_as_the_subscriptions_owner_and_cannot_escalate() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let admin = unique("admin");
+    let outsider = unique("outsider");
+    c.batch_execute(&format!(
+        "CREATE ROLE {admin} LOGIN IN ROLE outbox_admin;
+         CREATE ROLE {outsider} LOGIN;
+         CREATE FUNCTION escalate_{admin}(m outbox.message) RETURNS void LANGUAGE plpgsql AS
+           $$ BEGIN
+                INSERT INTO effects VALUES ('who', m.message_id, m.body, current_user);
+                IF m.body ? 'escalate' THEN
+                  EXECUTE 'SET ROLE postgres';
+                  INSERT INTO effects VALUES ('escalated', m.message_id, m.body, current_user);
+                END IF;
+              END $$;"
+    ))
+    .unwrap();
+    // Not an admin: may not subscribe.
+    let mut o = cl.connect("postgres", &outsider);
+    let e = o
+        .execute("SELECT outbox.subscribe('x', '/topic/x', 'record_effect(outbox.message)'::regprocedure)", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501");
+
+    let mut a = cl.connect("postgres", &admin);
+    // A callback of the wrong shape is refused at subscribe time.
+    let e = a
+        .execute(
+            "SELECT outbox.subscribe('bad', '/topic/x', 'lower(text)'::regprocedure)",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42P13", "{e:?}");
+    // Forging the owner column does not work: the trigger sets it.
+    let e = a.execute(
+        "INSERT INTO outbox.subscriptions (name, destination, callback, queue, owner) VALUES ('forged', '/topic/f', 'record_effect(outbox.message)', 'f', 'postgres')",
+        &[],
+    );
+    if e.is_ok() {
+        let owner: String = c
+            .query_one(
+                "SELECT owner::text FROM outbox.subscriptions WHERE name = 'forged'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(owner, admin);
+        c.execute(
+            "DELETE FROM outbox.subscriptions WHERE name = 'forged'",
+            &[],
+        )
+        .unwrap();
+    }
+
+    let (d, _) = topic("owner");
+    let name = unique("owner");
+    a.execute(
+        "SELECT outbox.subscribe($1, $2, $3::text::regprocedure)",
+        &[&name, &d, &format!("escalate_{admin}(outbox.message)")],
+    )
+    .unwrap();
+    let line = format!("outbox consumer \"{name}\": subscribed to {d}");
+    wait_for(&line, Duration::from_secs(10), || {
+        cl.log().contains(&line).then_some(())
+    });
+    c.execute("SELECT outbox.publish($1, '{\"owner\": 1}')", &[&d])
+        .unwrap();
+    c.execute(
+        "SELECT outbox.publish($1, '{\"owner\": 2, \"escalate\": true}')",
+        &[&d],
+    )
+    .unwrap();
+    let who: String = wait_for("the callback", Duration::from_secs(10), || {
+        c.query_opt(
+            "SELECT who FROM effects WHERE subscription = 'who' AND body->>'owner' = '1'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+    });
+    assert_eq!(who, admin, "the callback ran as the subscription's owner");
+    wait_for(
+        "the escalation attempt to fail",
+        Duration::from_secs(15),
+        || {
+            let r = c
+            .query_opt(
+                "SELECT status::text, last_error FROM outbox.received r WHERE subscription = $1 AND body->>'owner' = '2'",
+                &[&name],
+            )
+            .unwrap()?;
+            (r.get::<_, String>(0) == "failed").then_some(())
+        },
+    );
+    let escalated: i64 = c
+        .query_one(
+            "SELECT count(*) FROM effects WHERE subscription = 'escalated'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(escalated, 0, "SET ROLE inside a callback is refused");
+    a.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
