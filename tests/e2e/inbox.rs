@@ -527,3 +527,120 @@ fn callbacks_run_as_the_subscriptions_owner_and_cannot_escalate() {
     a.execute("SELECT outbox.unsubscribe($1)", &[&name])
         .unwrap();
 }
+
+#[test]
+fn consumers_resume_after_a_postgres_restart_and_a_broker_outage() {
+    let _b = broker::exclusive_broker();
+    let cl = Cluster::start(SETTINGS);
+    cl.execute(
+        "postgres",
+        "CREATE TABLE got (body jsonb);
+         CREATE FUNCTION keep(m outbox.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO got VALUES (m.body) $$;",
+    );
+    let mut c = cl.client();
+    let (d, _) = topic("resume");
+    let name = unique("resume");
+    subscribe(&cl, &mut c, &name, &d, "keep(outbox.message)");
+    let got =
+        |c: &mut Client| -> i64 { c.query_one("SELECT count(*) FROM got", &[]).unwrap().get(0) };
+
+    cl.restart("immediate");
+    let mut c = cl.client();
+    wait_for(
+        "the consumer after the restart",
+        Duration::from_secs(10),
+        || {
+            c.query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .unwrap()
+        },
+    );
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i)) FROM generate_series(1, 10) i",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("10 after the restart", Duration::from_secs(15), || {
+        (got(&mut c) == 10).then_some(())
+    });
+
+    broker::rabbitmqctl(&["stop_app"]);
+    std::thread::sleep(Duration::from_secs(1));
+    broker::rabbitmqctl(&["start_app"]);
+    broker::wait_until_up();
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i)) FROM generate_series(11, 20) i",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("10 more after the outage", Duration::from_secs(30), || {
+        (got(&mut c) == 20).then_some(())
+    });
+    assert!(
+        cl.log()
+            .contains(&format!("outbox consumer \"{name}\": connection")),
+        "the outage was logged"
+    );
+}
+
+#[test]
+fn more_subscriptions_than_max_consumers_is_a_clear_error() {
+    let cl = Cluster::start(&["outbox.max_consumers = 1"]);
+    cl.execute(
+        "postgres",
+        "CREATE FUNCTION nothing(m outbox.message) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+         SELECT outbox.subscribe('one', '/topic/one', 'nothing(outbox.message)');",
+    );
+    let mut c = cl.client();
+    let e = c
+        .execute(
+            "SELECT outbox.subscribe('two', '/topic/two', 'nothing(outbox.message)')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "53400", "{e:?}");
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .message()
+            .contains("outbox.max_consumers")
+    );
+    // Changing the existing one is fine.
+    c.execute(
+        "SELECT outbox.subscribe('one', '/topic/one2', 'nothing(outbox.message)')",
+        &[],
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_queue_with_other_arguments_is_reported_clearly() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let q = unique("argq");
+    // A queue declared beforehand without the dead-letter arguments.
+    drop(Subscriber::with_headers(
+        &format!("/queue/{q}"),
+        &[
+            ("durable", "true"),
+            ("auto-delete", "false"),
+            ("x-expires", "120000"),
+        ],
+    ));
+    let name = unique("argsub");
+    c.execute(
+        "SELECT outbox.subscribe($1, $2, 'record_effect(outbox.message)'::regprocedure, $3)",
+        &[&name, &format!("/queue/{q}"), &q],
+    )
+    .unwrap();
+    let line = format!("outbox consumer \"{name}\": the broker refused to subscribe");
+    wait_for(&line, Duration::from_secs(10), || {
+        cl.log().contains(&line).then_some(())
+    });
+    assert!(cl.log().contains("the queue exists with other arguments"));
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
