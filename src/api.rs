@@ -132,3 +132,49 @@ pub unsafe extern "C-unwind" fn outbox_wake(_fcinfo: pg_sys::FunctionCallInfo) -
     crate::wake::arm_subscriptions();
     pg_sys::Datum::from(0)
 }
+
+finfo_v1!(pg_finfo_outbox_workers);
+
+/// `outbox._workers() RETURNS jsonb`: every worker's status from shared
+/// memory (no table is read), for `outbox.stats()`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn outbox_workers(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    use crate::wake::{PUBLISHER, SLOTS, Slot};
+    let mut list = Vec::new();
+    let entry = |kind: &str, s: &Slot| {
+        let ts = |ms: i64| {
+            if ms > 0 {
+                serde_json::Value::from(ms as f64 / 1000.0)
+            } else {
+                serde_json::Value::Null
+            }
+        };
+        serde_json::json!({
+            "worker": kind,
+            "name": if kind == "publisher" { "publisher" } else { s.name() },
+            "pid": if s.pid > 0 { serde_json::Value::from(s.pid) } else { serde_json::Value::Null },
+            "state": if s.pid > 0 || kind == "consumer" { s.state.as_str() } else { "stopped" },
+            "host": if s.host_len > 0 { serde_json::Value::from(s.host()) } else { serde_json::Value::Null },
+            "messages": s.messages,
+            "started_at": ts(s.started_at),
+            "last_error": if s.error_len > 0 { serde_json::Value::from(s.error()) } else { serde_json::Value::Null },
+            "last_error_at": ts(s.error_at),
+        })
+    };
+    if crate::wake::preloaded() {
+        list.push(entry("publisher", &PUBLISHER.share()));
+        for s in SLOTS.share().0.iter().filter(|s| s.used) {
+            list.push(entry("consumer", s));
+        }
+    }
+    let text =
+        std::ffi::CString::new(serde_json::Value::Array(list).to_string()).expect("no NUL in JSON");
+    unsafe {
+        pgrx::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(text.as_ptr()))],
+        )
+        .expect("jsonb_in returns a value")
+    }
+}

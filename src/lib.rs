@@ -20,6 +20,11 @@ mod tests;
 
 pgrx::extension_sql_file!("../sql/outbox_pg.sql", name = "outbox_pg", bootstrap);
 pgrx::extension_sql_file!("../sql/inbox.sql", name = "inbox", requires = ["outbox_pg"]);
+pgrx::extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["inbox"]
+);
 
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {

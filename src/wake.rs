@@ -7,7 +7,7 @@
 //! starts at once instead of at the next `outbox.poll_interval`.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -26,6 +26,8 @@ pub struct Shared {
     pub sent: AtomicU64,
     /// Bumped at the commit of every transaction that changed subscriptions.
     pub subscriptions: AtomicU64,
+    /// When the worker last ran retention (ms since the epoch).
+    pub cleaned_at: AtomicI64,
 }
 
 // SAFETY: only atomics, no pointers.
@@ -36,8 +38,9 @@ pub static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"outbox_pg_shared"
 /// Most consumer workers (the upper bound of `outbox.max_consumers`).
 pub const MAX_CONSUMERS: usize = 64;
 
-/// One consumer worker's place in shared memory: reserved by the
-/// supervisor (pid 0, `reserved_at` set) and taken by the worker (its pid).
+/// One worker's place in shared memory: for a consumer, reserved by the
+/// supervisor (pid 0, `reserved_at` set) and taken by the worker (its pid);
+/// for every worker, its status as `outbox.stats()` shows it.
 #[derive(Clone, Copy)]
 pub struct Slot {
     pub used: bool,
@@ -46,6 +49,45 @@ pub struct Slot {
     pub reserved_at: i64,
     pub name_len: u8,
     pub name: [u8; 64],
+    pub state: WorkerState,
+    pub host_len: u8,
+    pub host: [u8; 64],
+    /// Messages sent (publisher) or handled (consumer) since start.
+    pub messages: u64,
+    pub started_at: i64,
+    pub error_at: i64,
+    pub error_len: u16,
+    pub error: [u8; 256],
+}
+
+/// What a worker is doing, as `outbox.stats()` reports it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Starting,
+    Connected,
+    BackingOff,
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Connected => "connected",
+            WorkerState::BackingOff => "backing off",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+fn copy_text(dst: &mut [u8], text: &str) -> usize {
+    // Cut at a character boundary.
+    let mut n = text.len().min(dst.len());
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    dst[..n].copy_from_slice(&text.as_bytes()[..n]);
+    n
 }
 
 impl Slot {
@@ -55,6 +97,14 @@ impl Slot {
         reserved_at: 0,
         name_len: 0,
         name: [0; 64],
+        state: WorkerState::Starting,
+        host_len: 0,
+        host: [0; 64],
+        messages: 0,
+        started_at: 0,
+        error_at: 0,
+        error_len: 0,
+        error: [0; 256],
     };
 
     pub fn name(&self) -> &str {
@@ -62,9 +112,24 @@ impl Slot {
     }
 
     pub fn set_name(&mut self, name: &str) {
-        let n = name.len().min(64);
-        self.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        self.name_len = n as u8;
+        self.name_len = copy_text(&mut self.name, name) as u8;
+    }
+
+    pub fn host(&self) -> &str {
+        std::str::from_utf8(&self.host[..self.host_len as usize]).unwrap_or("")
+    }
+
+    pub fn set_host(&mut self, host: &str) {
+        self.host_len = copy_text(&mut self.host, host) as u8;
+    }
+
+    pub fn error(&self) -> &str {
+        std::str::from_utf8(&self.error[..self.error_len as usize]).unwrap_or("")
+    }
+
+    pub fn set_error(&mut self, error: &str, at: i64) {
+        self.error_len = copy_text(&mut self.error, error) as u16;
+        self.error_at = at;
     }
 }
 
@@ -82,6 +147,93 @@ unsafe impl PGRXSharedMemory for Slots {}
 
 pub static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"outbox_pg_slots") };
 
+/// The publisher's status.
+pub static PUBLISHER: PgLwLock<Slot> = unsafe { PgLwLock::new(c"outbox_pg_publisher") };
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for Slot {}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot::EMPTY
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Where a worker reports its status.
+#[derive(Clone)]
+pub enum Reporter {
+    Publisher,
+    Consumer(String),
+}
+
+impl Reporter {
+    fn with(&self, f: impl FnOnce(&mut Slot)) {
+        match self {
+            Reporter::Publisher => f(&mut PUBLISHER.exclusive()),
+            Reporter::Consumer(name) => {
+                let mut slots = SLOTS.exclusive();
+                if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+                    f(s);
+                }
+            }
+        }
+    }
+
+    pub fn started(&self) {
+        let pid = unsafe { pg_sys::MyProcPid };
+        self.with(|s| {
+            s.used = true;
+            s.pid = pid;
+            s.state = WorkerState::Starting;
+            s.started_at = now_ms();
+            s.messages = 0;
+            s.host_len = 0;
+        });
+    }
+
+    pub fn connected(&self, host: &str) {
+        self.with(|s| {
+            s.state = WorkerState::Connected;
+            s.set_host(host);
+        });
+    }
+
+    /// A connection problem: backing off until the next attempt.
+    pub fn failed(&self, host: &str, error: &str) {
+        self.with(|s| {
+            s.state = WorkerState::BackingOff;
+            s.set_host(host);
+            s.set_error(error, now_ms());
+        });
+    }
+
+    /// A problem with a message (the connection is fine).
+    pub fn error(&self, error: &str) {
+        self.with(|s| s.set_error(error, now_ms()));
+    }
+
+    pub fn count(&self, n: u64) {
+        if n > 0 {
+            self.with(|s| s.messages += n);
+        }
+    }
+
+    pub fn stopped(&self) {
+        self.with(|s| {
+            s.state = WorkerState::Stopped;
+            s.pid = 0;
+        });
+    }
+}
+
 thread_local! {
     static PRELOADED: Cell<bool> = const { Cell::new(false) };
     static ARMED: Cell<bool> = const { Cell::new(false) };
@@ -94,6 +246,7 @@ pub fn init_shared_memory() {
     PRELOADED.with(|p| p.set(true));
     pgrx::pg_shmem_init!(SHARED);
     pgrx::pg_shmem_init!(SLOTS);
+    pgrx::pg_shmem_init!(PUBLISHER);
 }
 
 pub fn preloaded() -> bool {

@@ -116,7 +116,7 @@ fn release_slot_if(name: &str, for_good: bool) {
             *s = wake::Slot::EMPTY;
         } else {
             s.pid = 0;
-            s.reserved_at = crate::worker::supervisor::now_ms();
+            s.reserved_at = crate::wake::now_ms();
         }
     }
 }
@@ -158,6 +158,7 @@ fn load(name: &str) -> Option<Subscription> {
 
 struct Consumer {
     sub: Subscription,
+    report: wake::Reporter,
     config: Config,
     conn: Option<Connection>,
     backoff: Backoff,
@@ -187,7 +188,10 @@ impl Consumer {
             (finfo as usize, t.unwrap_or(pg_sys::InvalidOid))
         });
         let finfo = finfo as *mut pg_sys::FmgrInfo;
+        let report = wake::Reporter::Consumer(sub.name.clone());
+        report.started();
         Consumer {
+            report,
             sub,
             config: broker::config(),
             conn: None,
@@ -295,6 +299,7 @@ impl Consumer {
     fn lost(&mut self, why: String) {
         self.conn = None;
         self.next_host += 1;
+        self.report.failed("", &why);
         self.problem(why);
         self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
     }
@@ -319,6 +324,7 @@ impl Consumer {
         match result {
             Ok(c) => {
                 self.logged = None;
+                self.report.connected(&host);
                 log!(
                     "outbox consumer \"{}\": subscribed to {} at {host}",
                     self.sub.name,
@@ -341,6 +347,7 @@ impl Consumer {
                     _ => format!("could not subscribe at {host}: {e}"),
                 };
                 self.next_host += 1;
+                self.report.failed(&host, &why);
                 self.problem(why);
                 self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
                 false
@@ -350,7 +357,7 @@ impl Consumer {
 
     /// Handles every message already received; ACKs/NACKs go out together.
     fn pump(&mut self) -> Result<(), StompError> {
-        let mut handled = 0;
+        let mut handled = 0u64;
         loop {
             let frame = match self
                 .conn
@@ -386,6 +393,7 @@ impl Consumer {
                 conn.flush()?;
             }
         }
+        self.report.count(handled);
         let conn = self.conn.as_mut().expect("connected");
         conn.flush()?;
         conn.keepalive()

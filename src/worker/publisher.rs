@@ -42,6 +42,8 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
     log!("outbox publisher started for database \"{database}\"");
 
+    let report = wake::Reporter::Publisher;
+    report.started();
     let mut p = Publisher::new();
     loop {
         if BackgroundWorker::sigterm_received() {
@@ -57,6 +59,7 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
         }
     }
     p.disconnect();
+    report.stopped();
     shared.publisher_pid.store(0, Ordering::Release);
     log!("outbox publisher stopped");
     // Exit code 1 asks the postmaster to start the worker again after the
@@ -161,6 +164,7 @@ impl Publisher {
             self.supervised_at = Some(Instant::now());
         }
         self.supervisor.run(force);
+        retention();
         if self.conn.is_none() {
             if let Some(at) = self.reconnect_at {
                 let now = Instant::now();
@@ -240,13 +244,16 @@ impl Publisher {
                     debug1!("outbox publisher: connected to broker at {host}");
                 }
                 self.conn = Some(c);
+                wake::Reporter::Publisher.connected(host);
                 self.backoff.reset();
                 self.reconnect_at = None;
                 true
             }
             Err(e) => {
                 self.next_host = (self.next_host + 1) % hosts.len();
-                self.problem(format!("could not connect to broker at {host}: {e}"));
+                let why = format!("could not connect to broker at {host}: {e}");
+                wake::Reporter::Publisher.failed(host, &why);
+                self.problem(why);
                 self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
                 false
             }
@@ -264,6 +271,12 @@ impl Publisher {
     }
 
     fn lost(&mut self, why: String) {
+        let host = self
+            .conn
+            .as_ref()
+            .map(|c| c.host().to_string())
+            .unwrap_or_default();
+        wake::Reporter::Publisher.failed(&host, &why);
         self.conn = None;
         self.next_host = (self.next_host + 1) % self.config.hosts.len().max(1);
         self.problem(why);
@@ -315,6 +328,10 @@ impl Publisher {
         self.isolate_upto = isolate_upto;
         let sent = verdict.published.len() as u64;
         wake::SHARED.get().sent.fetch_add(sent, Ordering::Relaxed);
+        wake::Reporter::Publisher.count(sent);
+        if let Some((id, why)) = verdict.refused.last() {
+            wake::Reporter::Publisher.error(&format!("message {id}: {why}"));
+        }
         if let Some(why) = verdict.lost {
             let host = self
                 .conn
@@ -325,6 +342,37 @@ impl Publisher {
             return None;
         }
         Some(claimed)
+    }
+}
+
+/// Deletes finished rows older than `outbox.days_to_keep_data`, at most
+/// once per `outbox.cleanup_interval`, one bounded batch per transaction.
+fn retention() {
+    let shared = wake::SHARED.get();
+    let now = wake::now_ms();
+    let interval = i64::from(guc::CLEANUP_INTERVAL_S.get().max(1)) * 1000;
+    let last = shared.cleaned_at.load(Ordering::Acquire);
+    if last != 0 && now - last < interval {
+        return;
+    }
+    shared.cleaned_at.store(now, Ordering::Release);
+    let mut total = 0i64;
+    loop {
+        let n = BackgroundWorker::transaction(|| {
+            Spi::get_one::<i64>("SELECT outbox._cleanup_batch(5000)")
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        });
+        total += n;
+        if n == 0 || BackgroundWorker::sigterm_received() {
+            break;
+        }
+    }
+    if total > 0 {
+        log!(
+            "outbox publisher: retention deleted {total} rows older than outbox.days_to_keep_data"
+        );
     }
 }
 

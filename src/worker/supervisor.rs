@@ -24,12 +24,7 @@ pub struct Supervisor {
     logged: Option<String>,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use crate::wake::now_ms;
 
 impl Supervisor {
     /// Starts the missing consumers when subscriptions changed (or `force`).

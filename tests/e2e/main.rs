@@ -4,6 +4,7 @@
 mod api;
 mod delivery;
 mod inbox;
+mod operations;
 mod regress;
 
 use std::sync::OnceLock;
