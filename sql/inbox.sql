@@ -120,7 +120,8 @@ SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM outbox.subscriptions s WHERE s.name = unsubscribe.name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'subscription "%" does not exist', name USING ERRCODE = '42704';
+        RAISE EXCEPTION 'subscription "%" does not exist', name USING ERRCODE = '42704',
+            HINT = 'The subscriptions are listed in outbox.subscriptions.';
     END IF;
     PERFORM outbox._wake();
 END
