@@ -1,6 +1,6 @@
 -- outbox.subscribe()/unsubscribe(): the SQL surface and every refusal.
-CREATE EXTENSION IF NOT EXISTS outbox_pg;
 SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS outbox_pg;
 
 CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE st text; msg text; hint text;

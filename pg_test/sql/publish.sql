@@ -1,6 +1,6 @@
 -- outbox.publish(): what it writes, and every input it refuses.
-CREATE EXTENSION IF NOT EXISTS outbox_pg;
 SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS outbox_pg;
 
 -- Runs a statement; shows SQLSTATE, message and hint if it fails.
 CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$

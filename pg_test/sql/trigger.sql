@@ -1,6 +1,6 @@
 -- The trigger function outbox.publish(): bodies, options, and every wrong use.
-CREATE EXTENSION IF NOT EXISTS outbox_pg;
 SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS outbox_pg;
 DELETE FROM outbox.published;
 
 CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
