@@ -50,15 +50,8 @@ pub unsafe fn jsonb_text(d: pg_sys::Datum) -> String {
     unsafe {
         let c: pg_sys::Datum = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
             .expect("jsonb_out returns text");
-        let s = std::ffi::CStr::from_ptr(c.cast_mut_ptr())
+        std::ffi::CStr::from_ptr(c.cast_mut_ptr())
             .to_string_lossy()
-            .into_owned();
-        s
+            .into_owned()
     }
-}
-
-/// Returns SQL NULL from a V1 function.
-pub unsafe fn return_null(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    unsafe { (*fcinfo).isnull = true };
-    pg_sys::Datum::from(0)
 }

@@ -358,16 +358,12 @@ impl Consumer {
     /// Handles every message already received; ACKs/NACKs go out together.
     fn pump(&mut self) -> Result<(), StompError> {
         let mut handled = 0u64;
-        loop {
-            let frame = match self
-                .conn
-                .as_mut()
-                .expect("connected")
-                .read_frame(Duration::ZERO)?
-            {
-                Some(f) => f,
-                None => break,
-            };
+        while let Some(frame) = self
+            .conn
+            .as_mut()
+            .expect("connected")
+            .read_frame(Duration::ZERO)?
+        {
             if frame.command != Command::Message {
                 continue;
             }
@@ -389,7 +385,7 @@ impl Consumer {
             let conn = self.conn.as_mut().expect("connected");
             conn.queue(&reply)?;
             handled += 1;
-            if handled % 64 == 0 {
+            if handled.is_multiple_of(64) {
                 conn.flush()?;
             }
         }

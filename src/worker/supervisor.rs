@@ -59,11 +59,11 @@ impl Supervisor {
         });
         let limit = (guc::MAX_CONSUMERS.get().max(0) as usize).min(wake::MAX_CONSUMERS);
         for name in names {
-            if let Err(problem) = self.ensure(&name, limit) {
-                if self.logged.as_deref() != Some(problem.as_str()) {
-                    warning!("outbox supervisor: {problem}");
-                    self.logged = Some(problem);
-                }
+            if let Err(problem) = self.ensure(&name, limit)
+                && self.logged.as_deref() != Some(problem.as_str())
+            {
+                warning!("outbox supervisor: {problem}");
+                self.logged = Some(problem);
             }
         }
     }

@@ -1,0 +1,589 @@
+//! `outbox-bench`: measures outbox_pg against baselines taken in the same
+//! run on the same machine, and prints a table (optionally written to
+//! docs/BENCHMARKS.md with a description of the machine).
+//!
+//! Vocabulary: a *figure* is one measured quantity; its *baseline* is the
+//! same work done without outbox_pg (no trigger, a hand-written PL/pgSQL
+//! trigger, a raw STOMP client with no database); the *ratio* compares the
+//! two. The raw STOMP baselines use the project's own client (src/stomp),
+//! the same frames, the same batch size and prefetch.
+//!
+//! Usage: outbox-bench [--quick] [--write docs/BENCHMARKS.md]
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use outbox_pg_e2e::broker::stomp::client::{Connection, send_batch};
+use outbox_pg_e2e::broker::stomp::frame::{Command, Frame};
+use outbox_pg_e2e::broker::{self, Subscriber};
+use outbox_pg_e2e::{Cluster, unique, wait_for};
+use postgres::Client;
+
+struct Row {
+    figure: String,
+    value: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    ok: Option<bool>,
+}
+
+struct Sizes {
+    writes: i32,
+    drain: i32,
+    consume: i32,
+    latency: usize,
+    backlog_small: i32,
+    backlog_big: i32,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let write_to = args
+        .iter()
+        .position(|a| a == "--write")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let sizes = if quick {
+        Sizes {
+            writes: 5_000,
+            drain: 5_000,
+            consume: 2_000,
+            latency: 100,
+            backlog_small: 2_000,
+            backlog_big: 20_000,
+        }
+    } else {
+        Sizes {
+            writes: 50_000,
+            drain: 50_000,
+            consume: 20_000,
+            latency: 500,
+            backlog_small: 10_000,
+            backlog_big: 1_000_000,
+        }
+    };
+    broker::wait_until_up();
+    let mut rows = Vec::new();
+    write_path(&sizes, &mut rows);
+    drain(&sizes, &mut rows);
+    latency(&sizes, &mut rows);
+    consume(&sizes, &mut rows);
+    backlog(&sizes, &mut rows);
+
+    let table = render(&rows);
+    println!("{table}");
+    if let Some(path) = write_to {
+        let doc = format!(
+            "# outbox_pg benchmarks\n\nProduced by `bash scripts/bench.sh{}` on {}.\n\n## Machine\n\n{}\n\n## Results\n\n{}\n\n{}\n",
+            if quick { " --quick" } else { "" },
+            today(),
+            machine(),
+            table,
+            NOTES
+        );
+        std::fs::write(&path, doc).expect("write the benchmark document");
+        println!("written to {path}");
+    }
+}
+
+const NOTES: &str = "How each figure is taken:\n\
+- write path: single-row INSERTs into a 3-column table, once with no trigger, once with a hand-written PL/pgSQL \
+outbox trigger (`INSERT INTO outbox.published ... to_jsonb(NEW)` with the same generated headers), once with \
+`outbox.publish('/topic/x')`; in one transaction (a server-side loop, so only the server's work counts) and in \
+autocommit (one client round trip per row). The publisher points at a closed port meanwhile, so delivery takes no CPU.\n\
+- drain: a backlog written while the publisher could not connect, then drained after a reload; the raw baseline \
+sends the same frames (same headers and bodies) with the project's STOMP client, pipelined in batches of \
+`outbox.batch_size` with one receipt per frame, no database.\n\
+- latency: commit of `outbox.publish()` to a subscriber receiving it, one message at a time.\n\
+- consume: messages already queued, to a SQL callback that inserts a row; the raw baseline consumes the same \
+number from a queue with the same prefetch and one ACK per message.\n\
+- idle CPU: the publisher's user+system CPU time over 10 s with nothing to do.\n\
+- backlog: drain rate of a large backlog against a small one, and the publisher's RSS before and after.";
+
+fn today() -> String {
+    let out = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0);
+    let pg = std::process::Command::new(outbox_pg_e2e::cluster::pg_config())
+        .arg("--version")
+        .output()
+        .unwrap();
+    format!(
+        "- CPU: {cpu}, {cores} cores\n- memory: {} GiB\n- {}\n- RabbitMQ 3.10 STOMP plugin on 127.0.0.1, same machine\n- throw-away cluster: fsync off, outbox_pg built by `cargo pgrx install` (see scripts/bench.sh)",
+        mem / 1024 / 1024,
+        String::from_utf8_lossy(&pg.stdout).trim()
+    )
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| figure | outbox_pg | baseline | ratio | target | met |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let met = match r.ok {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            r.figure, r.value, r.baseline, r.ratio, r.target, met
+        );
+    }
+    s
+}
+
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn rate(n: i32, d: Duration) -> f64 {
+    f64::from(n) / d.as_secs_f64()
+}
+
+const PLPGSQL_TRIGGER: &str = "
+CREATE FUNCTION hand_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE id uuid := gen_random_uuid();
+BEGIN
+    INSERT INTO outbox.published (message_id, destination, body, headers)
+    VALUES (id, '/topic/x', to_jsonb(NEW), jsonb_build_object(
+        'content-type', 'application/json;charset=utf-8', 'dop-msg-id', id::text,
+        'dop-msg-destination', '/topic/x', 'dop-msg-type', 'Published',
+        'dop-msg-sent-time', clock_timestamp()::text, 'dop-correlation-id', gen_random_uuid()::text,
+        'outbox-op', TG_OP, 'outbox-table', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME));
+    RETURN NULL;
+END $$;";
+
+fn write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let cl = Cluster::start(&[&format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port())]);
+    let mut c = cl.client();
+    c.batch_execute(PLPGSQL_TRIGGER).unwrap();
+    let n = sizes.writes;
+    let setup = |c: &mut Client, trigger: &str| {
+        c.batch_execute(
+            "DROP TABLE IF EXISTS w; CREATE TABLE w (id int PRIMARY KEY, name text, amount numeric); TRUNCATE outbox.published;",
+        )
+        .unwrap();
+        if !trigger.is_empty() {
+            c.batch_execute(&format!(
+                "CREATE TRIGGER w_out AFTER INSERT ON w FOR EACH ROW EXECUTE FUNCTION {trigger}"
+            ))
+            .unwrap();
+        }
+        c.batch_execute("CHECKPOINT; VACUUM ANALYZE outbox.published")
+            .unwrap();
+    };
+    let one_tx = |c: &mut Client, trigger: &str| -> Duration {
+        // Best of three: the machine is shared with the broker.
+        (0..3)
+            .map(|_| {
+                setup(c, trigger);
+                let t = Instant::now();
+                c.batch_execute(&format!(
+                    "DO $$ BEGIN FOR i IN 1..{n} LOOP INSERT INTO w VALUES (i, 'name ' || i, i * 1.5); END LOOP; END $$"
+                ))
+                .unwrap();
+                t.elapsed()
+            })
+            .min()
+            .unwrap()
+    };
+    let autocommit = |c: &mut Client, trigger: &str| -> Duration {
+        setup(c, trigger);
+        let stmt = c
+            .prepare("INSERT INTO w VALUES ($1, 'name ' || $1, $1 * 1.5)")
+            .unwrap();
+        let t = Instant::now();
+        for i in 1..=n {
+            c.execute(&stmt, &[&i]).unwrap();
+        }
+        t.elapsed()
+    };
+    let (plain, hand, ours) = (
+        one_tx(&mut c, ""),
+        one_tx(&mut c, "hand_outbox()"),
+        one_tx(&mut c, "outbox.publish('/topic/x')"),
+    );
+    let r1 = ours.as_secs_f64() / plain.as_secs_f64();
+    let r2 = ours.as_secs_f64() / hand.as_secs_f64();
+    rows.push(Row {
+        figure: format!("write path, {n} INSERTs in one transaction"),
+        value: secs(ours),
+        baseline: format!("no trigger {}; PL/pgSQL {}", secs(plain), secs(hand)),
+        ratio: format!("{r1:.2}× no trigger; {r2:.2}× PL/pgSQL"),
+        target: "≤ 1.3× no trigger; < 1× PL/pgSQL".into(),
+        ok: Some(r1 <= 1.3 && r2 < 1.0),
+    });
+    let (plain, hand, ours) = (
+        autocommit(&mut c, ""),
+        autocommit(&mut c, "hand_outbox()"),
+        autocommit(&mut c, "outbox.publish('/topic/x')"),
+    );
+    let r1 = ours.as_secs_f64() / plain.as_secs_f64();
+    let r2 = ours.as_secs_f64() / hand.as_secs_f64();
+    rows.push(Row {
+        figure: format!("write path, {n} INSERTs in autocommit"),
+        value: secs(ours),
+        baseline: format!("no trigger {}; PL/pgSQL {}", secs(plain), secs(hand)),
+        ratio: format!("{r1:.2}× no trigger; {r2:.2}× PL/pgSQL"),
+        target: "≤ 1.3× no trigger; < 1× PL/pgSQL".into(),
+        ok: Some(r1 <= 1.3 && r2 < 1.0),
+    });
+}
+
+fn publisher_pid(c: &mut Client) -> i32 {
+    wait_for("the publisher", Duration::from_secs(10), || {
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+    })
+}
+
+/// Fills a backlog while the publisher cannot connect, then lets it drain;
+/// returns the drain time.
+fn timed_drain(cl: &Cluster, c: &mut Client, n: i32, destination: &str) -> Duration {
+    c.batch_execute(&format!(
+        "SELECT outbox.publish('{destination}', jsonb_build_object('n', i, 'name', 'item ' || i, 'amount', i * 1.5))
+         FROM generate_series(1, {n}) i"
+    ))
+    .unwrap();
+    c.batch_execute("VACUUM ANALYZE outbox.published").unwrap();
+    let t = Instant::now();
+    cl.set(&[&format!("outbox.stomp_hosts = '{}'", broker::STOMP)]);
+    wait_for("the drain", Duration::from_secs(3600), || {
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM outbox.published WHERE status = 'scheduled'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    });
+    let d = t.elapsed();
+    cl.set(&[&format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port())]);
+    d
+}
+
+/// Sends `n` frames shaped like the outbox's, pipelined in batches with one
+/// receipt each, and returns the time taken.
+fn raw_send(n: i32, batch: i32, destination: &str) -> Duration {
+    let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
+    let frames: Vec<Frame> = (1..=n)
+        .map(|i| {
+            Frame::new(Command::Send)
+                .header("destination", destination)
+                .header("receipt", format!("r{i}"))
+                .header("persistent", "true")
+                .header("content-type", "application/json;charset=utf-8")
+                .header("dop-msg-id", format!("00000000-0000-4000-8000-{i:012}"))
+                .header("dop-msg-destination", destination)
+                .header("dop-msg-type", "Published")
+                .header("dop-msg-sent-time", "2026-11-28 06:30:00.123456+00:00")
+                .header(
+                    "dop-correlation-id",
+                    format!("00000000-0000-4000-9000-{i:012}"),
+                )
+                .body(
+                    format!(
+                        r#"{{"n": {i}, "name": "item {i}", "amount": {}}}"#,
+                        f64::from(i) * 1.5
+                    )
+                    .into_bytes(),
+                )
+        })
+        .collect();
+    let t = Instant::now();
+    for chunk in frames.chunks(batch as usize) {
+        let out = send_batch(&mut conn, chunk, Duration::from_secs(30));
+        assert!(out.all_ok(), "{:?}", out.errors);
+    }
+    t.elapsed()
+}
+
+fn purge(queue: &str) {
+    let _ = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "delete_queue", queue])
+        .output();
+}
+
+fn drain(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let cl = Cluster::start(&[&format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port())]);
+    let mut c = cl.client();
+    let n = sizes.drain;
+    // Queues hold what is sent, as a real consumer's queue would.
+    let (q1, q2) = (unique("bench_drain"), unique("bench_raw"));
+    let raw = raw_send(n, 500, &format!("/queue/{q2}"));
+    let ours = timed_drain(&cl, &mut c, n, &format!("/queue/{q1}"));
+    purge(&q1);
+    purge(&q2);
+    let r = rate(n, ours) / rate(n, raw);
+    rows.push(Row {
+        figure: format!("drain, {n}-row backlog → broker"),
+        value: format!("{:.0} msg/s", rate(n, ours)),
+        baseline: format!("raw STOMP {:.0} msg/s", rate(n, raw)),
+        ratio: format!("{r:.2}×"),
+        target: "≥ 0.7×".into(),
+        ok: Some(r >= 0.7),
+    });
+    // Idle: nothing scheduled, the publisher should do nothing.
+    cl.set(&[&format!("outbox.stomp_hosts = '{}'", broker::STOMP)]);
+    let pid = publisher_pid(&mut c);
+    std::thread::sleep(Duration::from_secs(2));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let used = cpu_ticks(pid) - before;
+    let hz = 100.0;
+    rows.push(Row {
+        figure: "idle publisher CPU over 10 s".into(),
+        value: format!("{:.2} s", used as f64 / hz),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "~0".into(),
+        ok: Some(used as f64 / hz < 0.05),
+    });
+}
+
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn latency(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let cl = Cluster::start(&[]);
+    let mut c = cl.client();
+    let d = format!("/topic/{}", unique("bench_latency"));
+    let mut sub = Subscriber::new(&d);
+    let stmt = c
+        .prepare("SELECT outbox.publish($1, '{\"ping\": true}')")
+        .unwrap();
+    // Warm up the connection and the worker.
+    for _ in 0..20 {
+        c.execute(&stmt, &[&d]).unwrap();
+        sub.take(1, Duration::from_secs(10));
+    }
+    let mut samples: Vec<Duration> = (0..sizes.latency)
+        .map(|_| {
+            let t = Instant::now();
+            c.execute(&stmt, &[&d]).unwrap();
+            sub.take(1, Duration::from_secs(10));
+            t.elapsed()
+        })
+        .collect();
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    let (p50, p99) = (p(0.5), p(0.99));
+    rows.push(Row {
+        figure: format!("latency, commit → subscriber, {} samples", sizes.latency),
+        value: format!(
+            "p50 {:.2} ms, p99 {:.2} ms",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        ),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "p50 ≤ 5 ms, p99 ≤ 20 ms".into(),
+        ok: Some(p50 <= Duration::from_millis(5) && p99 <= Duration::from_millis(20)),
+    });
+}
+
+fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let n = sizes.consume;
+    let prefetch = 100;
+    // Raw: a queue filled with n messages, consumed with per-message ACKs.
+    let raw_q = unique("bench_consume_raw");
+    raw_send(n, 500, &format!("/queue/{raw_q}"));
+    let raw = {
+        let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
+        let sub = Frame::new(Command::Subscribe)
+            .header("id", "0")
+            .header("destination", format!("/queue/{raw_q}"))
+            .header("ack", "client-individual")
+            .header("prefetch-count", prefetch.to_string());
+        let t = Instant::now();
+        conn.queue(&sub).unwrap();
+        conn.flush().unwrap();
+        let mut got = 0;
+        while got < n {
+            let f = conn
+                .read_frame(Duration::from_secs(30))
+                .unwrap()
+                .expect("a message");
+            if f.command == Command::Message {
+                got += 1;
+                conn.queue(
+                    &Frame::new(Command::Ack).header("id", f.get("ack").unwrap_or_default()),
+                )
+                .unwrap();
+                if got % 64 == 0 || got == n {
+                    conn.flush().unwrap();
+                }
+            }
+        }
+        t.elapsed()
+    };
+    purge(&raw_q);
+
+    // outbox_pg: the same number queued on the subscription's queue first.
+    let cl = Cluster::start(&[
+        r#"outbox.stomp_queue_headers = '{"durable":"true","auto-delete":"false","prefetch-count":"100"}'"#,
+    ]);
+    let mut c = cl.client();
+    let (d, q) = {
+        let q = unique("bench_consume");
+        (format!("/topic/{q}"), q)
+    };
+    c.batch_execute(
+        "CREATE TABLE sink (id text, body jsonb);
+         CREATE FUNCTION sink_it(m outbox.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO sink VALUES (m.message_id, m.body) $$;",
+    )
+    .unwrap();
+    c.execute(
+        "SELECT outbox.subscribe('bench', $1, 'sink_it(outbox.message)')",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("the subscription", Duration::from_secs(10), || {
+        cl.log()
+            .contains("outbox consumer \"bench\": subscribed")
+            .then_some(())
+    });
+    c.execute("SELECT outbox.unsubscribe('bench')", &[])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    c.batch_execute(&format!(
+        "SELECT outbox.publish('{d}', jsonb_build_object('n', i)) FROM generate_series(1, {n}) i"
+    ))
+    .unwrap();
+    wait_for("the backlog queued", Duration::from_secs(600), || {
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM outbox.published WHERE status = 'scheduled'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    });
+    let t = Instant::now();
+    c.execute(
+        "SELECT outbox.subscribe('bench', $1, 'sink_it(outbox.message)')",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("the callbacks", Duration::from_secs(1200), || {
+        let got: i64 = c
+            .query_one("SELECT count(*) FROM sink", &[])
+            .unwrap()
+            .get(0);
+        (got >= i64::from(n)).then_some(())
+    });
+    let ours = t.elapsed();
+    c.execute("SELECT outbox.unsubscribe('bench')", &[])
+        .unwrap();
+    purge(&q);
+    purge(&format!("DLQ.{q}"));
+    let r = rate(n, ours) / rate(n, raw);
+    rows.push(Row {
+        figure: format!("consume, {n} queued → SQL callback inserting a row"),
+        value: format!("{:.0} msg/s", rate(n, ours)),
+        baseline: format!(
+            "raw STOMP consumer {:.0} msg/s (prefetch {prefetch}, ACK each)",
+            rate(n, raw)
+        ),
+        ratio: format!("{r:.2}×"),
+        target: "≥ 0.5×".into(),
+        ok: Some(r >= 0.5),
+    });
+}
+
+fn backlog(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let cl = Cluster::start(&[&format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port())]);
+    let mut c = cl.client();
+    let pid = publisher_pid(&mut c);
+    let (q1, q2) = (unique("bench_small"), unique("bench_big"));
+    let small = timed_drain(&cl, &mut c, sizes.backlog_small, &format!("/queue/{q1}"));
+    purge(&q1);
+    c.batch_execute("TRUNCATE outbox.published").unwrap();
+    let rss_before = rss_kb(pid);
+    let big = timed_drain(&cl, &mut c, sizes.backlog_big, &format!("/queue/{q2}"));
+    let rss_after = rss_kb(pid);
+    purge(&q2);
+    let r = rate(sizes.backlog_big, big) / rate(sizes.backlog_small, small);
+    rows.push(Row {
+        figure: format!("backlog of {} rows: drain rate", sizes.backlog_big),
+        value: format!("{:.0} msg/s", rate(sizes.backlog_big, big)),
+        baseline: format!(
+            "{:.0} msg/s at {}",
+            rate(sizes.backlog_small, small),
+            sizes.backlog_small
+        ),
+        ratio: format!("{r:.2}×"),
+        target: "≥ 0.9×".into(),
+        ok: Some(r >= 0.9),
+    });
+    let growth = rss_after as f64 / rss_before.max(1) as f64;
+    rows.push(Row {
+        figure: format!("publisher RSS after the {}-row drain", sizes.backlog_big),
+        value: format!("{} MB", rss_after / 1024),
+        baseline: format!("{} MB before", rss_before / 1024),
+        ratio: format!("{growth:.2}×"),
+        target: "flat".into(),
+        ok: Some(growth < 1.5),
+    });
+}
