@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::guc;
 use crate::headers::RESERVED;
-use crate::stomp::client::Config;
+use crate::stomp::client::{Config, TlsConfig};
 use crate::stomp::frame::{Command, Frame};
 
 /// Connection settings from the current GUC values.
@@ -24,6 +24,11 @@ pub fn config() -> Config {
         vhost: guc::text(&guc::STOMP_VHOST),
         heartbeat: heartbeats(&guc::text(&guc::STOMP_HEARTBEATS)),
         connect_timeout: Duration::from_millis(guc::STOMP_CONNECT_TIMEOUT_MS.get().max(1) as u64),
+        tls: guc::STOMP_USE_SSL.get().then(|| TlsConfig {
+            ca_certs: guc::text(&guc::STOMP_CA_CERTS),
+            cert_file: guc::text(&guc::STOMP_CERT_FILE),
+            key_file: guc::text(&guc::STOMP_KEY_FILE),
+        }),
     }
 }
 

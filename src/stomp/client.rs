@@ -1,8 +1,19 @@
-//! Synchronous STOMP 1.2 client over `std::net::TcpStream` (no threads).
+//! Synchronous STOMP 1.2 client over `std::net::TcpStream`, optionally inside TLS (rustls),
+//! with no threads.
 //!
 //! Vocabulary: see [`super::frame`]. A [`Connection`] is one CONNECTed TCP session with
 //! negotiated heart-beats; [`send_batch`] pipelines SEND frames that carry `receipt` headers
 //! and collects the RECEIPTs.
+//!
+//! # TLS
+//!
+//! With [`Config::tls`] set, the TCP stream is wrapped in a rustls client session that
+//! trusts only the CA certificates of [`TlsConfig::ca_certs`] and checks the server's
+//! certificate chain and name (the host part of the `host:port` entry: a DNS name or an IP
+//! address). The rustls configuration is built anew by each [`Connection::open`] (a few file
+//! reads), so renewed certificate files are picked up at the next reconnect. Everything else
+//! works the same over TLS; incoming records are decrypted and decoded eagerly, so no
+//! plaintext is ever left inside rustls between calls (see [`Connection::has_buffered`]).
 //!
 //! # Observed broker behaviour (RabbitMQ 3.10 STOMP plugin, measured by the tests below)
 //!
@@ -45,7 +56,12 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 use super::frame::{Command, Decoded, Decoder, Frame, FrameError, encode};
 
@@ -82,8 +98,126 @@ pub struct Config {
     /// Heart-beat wishes in milliseconds: (we can send every, we want to receive every);
     /// 0 disables that direction.
     pub heartbeat: (u32, u32),
-    /// Bound on TCP connect plus the CONNECTED answer.
+    /// Bound on TCP connect, the TLS handshake and the CONNECTED answer together.
     pub connect_timeout: Duration,
+    /// TLS settings; `None` = plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings of a [`Config`]: PEM file paths (only paths are kept, never key material).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TlsConfig {
+    /// CA certificate(s) that may sign the broker's certificate (PEM, one or more
+    /// `CERTIFICATE` sections). Required: these are the only trusted roots.
+    pub ca_certs: String,
+    /// Client certificate chain (PEM) for brokers that require one; `""` = none.
+    pub cert_file: String,
+    /// Private key of `cert_file` (PEM: PKCS#8, PKCS#1 or SEC1); `""` = none. Give both or
+    /// neither.
+    pub key_file: String,
+}
+
+impl TlsConfig {
+    /// Reads the PEM files and builds the rustls client configuration (ring provider, TLS 1.3
+    /// and 1.2, roots from `ca_certs` only, client authentication when a certificate and key
+    /// are given). Problems are [`StompError::Config`] naming the file, never its contents.
+    /// [`Connection::open`] calls this on every connect; callers may call it up front to
+    /// validate settings.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, StompError> {
+        if self.ca_certs.is_empty() {
+            return Err(StompError::Config(
+                "tls ca_certs (CA certificate file) is required".into(),
+            ));
+        }
+        let mut roots = RootCertStore::empty();
+        for (i, cert) in read_certs("tls ca_certs", &self.ca_certs)?
+            .into_iter()
+            .enumerate()
+        {
+            roots.add(cert).map_err(|e| {
+                StompError::Config(format!(
+                    "tls ca_certs {:?}: certificate #{} is not usable as a trust anchor: {e}",
+                    self.ca_certs,
+                    i + 1
+                ))
+            })?;
+        }
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| StompError::Config(format!("tls: {e}")))?
+                .with_root_certificates(roots);
+        let config = match (self.cert_file.is_empty(), self.key_file.is_empty()) {
+            (true, true) => builder.with_no_client_auth(),
+            (false, false) => {
+                let certs = read_certs("tls cert_file", &self.cert_file)?;
+                let key = PrivateKeyDer::from_pem_file(&self.key_file).map_err(|e| {
+                    StompError::Config(format!(
+                        "tls key_file {:?}: {}",
+                        self.key_file,
+                        pem_problem(&e, "PRIVATE KEY")
+                    ))
+                })?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| {
+                    StompError::Config(format!(
+                        "tls cert_file {:?} / key_file {:?} unusable: {e}",
+                        self.cert_file, self.key_file
+                    ))
+                })?
+            }
+            _ => {
+                return Err(StompError::Config(
+                    "tls cert_file and key_file must be given together".into(),
+                ));
+            }
+        };
+        Ok(Arc::new(config))
+    }
+}
+
+/// All `CERTIFICATE` sections of a PEM file (at least one).
+fn read_certs(what: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, StompError> {
+    let bad = |e: pem::Error| {
+        StompError::Config(format!(
+            "{what} {path:?}: {}",
+            pem_problem(&e, "CERTIFICATE")
+        ))
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(bad)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    if certs.is_empty() {
+        return Err(bad(pem::Error::NoItemsFound));
+    }
+    Ok(certs)
+}
+
+/// Describes a PEM problem without quoting the file (it may hold a private key).
+fn pem_problem(e: &pem::Error, wanted: &str) -> String {
+    match e {
+        pem::Error::Io(e) => format!("cannot read: {e}"),
+        pem::Error::NoItemsFound => format!("no {wanted} section found"),
+        pem::Error::MissingSectionEnd { .. } => "a PEM section has no END line".into(),
+        pem::Error::IllegalSectionStart { .. } => "malformed PEM BEGIN line".into(),
+        pem::Error::Base64Decode(_) => "invalid base64 in a PEM section".into(),
+        pem::Error::SectionTooLarge => "PEM section too large".into(),
+        _ => "invalid PEM".into(),
+    }
+}
+
+/// The TLS server name of a `host:port` entry: its host part (`[...]` IPv6 brackets removed).
+fn server_name(host: &str) -> Result<ServerName<'static>, StompError> {
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let name = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    ServerName::try_from(name.to_string()).map_err(|_| {
+        StompError::Config(format!(
+            "broker address {host:?}: {name:?} is not a valid tls server name"
+        ))
+    })
 }
 
 impl fmt::Debug for Config {
@@ -95,6 +229,7 @@ impl fmt::Debug for Config {
             .field("vhost", &self.vhost)
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -104,7 +239,8 @@ impl fmt::Debug for Config {
 pub enum StompError {
     #[error("broker i/o: {0}")]
     Io(#[from] io::Error),
-    /// What timed out: "connect", "connected", "write", "heart-beat", "receipts", "receipt".
+    /// What timed out: "connect", "tls handshake", "connected", "write", "heart-beat",
+    /// "receipts", "receipt".
     #[error("stomp timeout waiting for {0}")]
     Timeout(&'static str),
     /// ERROR frame answering CONNECT (e.g. bad login): its message header and body.
@@ -126,6 +262,12 @@ pub enum StompError {
     Frame(#[from] FrameError),
     #[error("stomp configuration: {0}")]
     Config(String),
+    /// TLS failure: handshake (certificate not trusted, name mismatch, client certificate
+    /// rejected, peer not speaking TLS) or a later TLS protocol error / alert. The text
+    /// starts with `tls`, e.g. `tls handshake with 127.0.0.1:61614 failed: invalid peer
+    /// certificate: UnknownIssuer`.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl StompError {
@@ -138,7 +280,8 @@ impl StompError {
         }
     }
 
-    /// True for errors that mean the connection can no longer be used.
+    /// True for errors that mean the connection can no longer be used (everything but
+    /// `Broker`; `Tls` included).
     pub fn is_fatal(&self) -> bool {
         !matches!(self, StompError::Broker { .. })
     }
@@ -174,10 +317,135 @@ fn negotiate(ours: u32, theirs: u32) -> Option<Duration> {
     }
 }
 
+/// The byte stream under STOMP: plain TCP or a rustls client session over TCP.
+///
+/// Writing is split in two so that [`Connection::flush`] can account for progress and drain
+/// reads while the socket is full: `write_plain` hands plaintext over (plain: one socket
+/// write; TLS: encrypted into rustls' bounded buffer, no syscall) and `write_pending` writes
+/// TLS records not yet sent (one socket write).
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Transport {
+    fn sock(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => &s.sock,
+        }
+    }
+
+    /// TLS records are waiting to be written.
+    fn wants_write(&self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(s) => s.conn.wants_write(),
+        }
+    }
+
+    /// One write of pending TLS records; returns the bytes written (0: nothing pending).
+    fn write_pending(&mut self) -> io::Result<usize> {
+        match self {
+            Transport::Plain(_) => Ok(0),
+            Transport::Tls(s) => s.conn.write_tls(&mut s.sock),
+        }
+    }
+
+    /// Hands plaintext to the transport; returns how much was taken.
+    fn write_plain(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.write(buf),
+            Transport::Tls(s) => s.conn.writer().write(buf),
+        }
+    }
+
+    /// Plaintext decrypted by rustls and not yet read out (always false between
+    /// [`Connection`] calls: reads drain it eagerly). Also true once the peer's close_notify
+    /// came in.
+    fn holds_plaintext(&self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(s) => !s.conn.is_handshaking() && !s.conn.wants_read(),
+        }
+    }
+
+    /// Reads plaintext. TLS: returns what rustls already holds, otherwise reads the socket
+    /// (honouring its timeout / non-blocking mode, `WouldBlock`/`TimedOut` as for plain TCP)
+    /// until at least one complete record is decrypted. `Ok(0)` is end of stream; a TCP EOF
+    /// without close_notify is `UnexpectedEof`; TLS errors are `InvalidData` wrapping the
+    /// `rustls::Error` (after a best-effort attempt to send rustls' alert).
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let s = match self {
+            Transport::Plain(s) => return s.read(buf),
+            Transport::Tls(s) => s,
+        };
+        loop {
+            match s.conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            s.conn.read_tls(&mut s.sock)?;
+            if let Err(e) = s.conn.process_new_packets() {
+                let _ = s.conn.write_tls(&mut s.sock);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+}
+
+/// Runs the TLS handshake on a connected socket (whose write timeout is set), within
+/// `deadline`.
+fn tls_handshake(
+    mut sock: TcpStream,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    host: &str,
+    deadline: Instant,
+) -> Result<StreamOwned<ClientConnection, TcpStream>, StompError> {
+    let failed = |why: &dyn fmt::Display| {
+        StompError::Tls(format!("tls handshake with {host} failed: {why}"))
+    };
+    let mut conn = ClientConnection::new(config, name).map_err(|e| failed(&e))?;
+    while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(StompError::Timeout("tls handshake"));
+        }
+        let res = if conn.wants_write() {
+            conn.write_tls(&mut sock)
+        } else {
+            sock.set_read_timeout(Some(left))?;
+            match conn.read_tls(&mut sock) {
+                Ok(0) => return Err(failed(&"the server closed the connection")),
+                Ok(n) => match conn.process_new_packets() {
+                    Ok(_) => Ok(n),
+                    Err(e) => {
+                        // Tell the server why (the alert rustls queued), best effort.
+                        let _ = conn.write_tls(&mut sock);
+                        return Err(failed(&e));
+                    }
+                },
+                Err(e) => Err(e),
+            }
+        };
+        match res {
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_closed(&e) => return Err(failed(&"the server closed the connection")),
+            Err(e) => return Err(StompError::Io(e)),
+        }
+    }
+    Ok(StreamOwned::new(conn, sock))
+}
+
 /// One CONNECTed STOMP 1.2 session.
 pub struct Connection {
-    stream: TcpStream,
+    transport: Transport,
     host: String,
+    /// CONNECTED was received (TLS errors before that are reported as handshake failures).
+    established: bool,
     server: Option<String>,
     session: Option<String>,
     decoder: Decoder,
@@ -204,6 +472,7 @@ impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
             .field("host", &self.host)
+            .field("tls", &self.is_tls())
             .field("server", &self.server)
             .field("session", &self.session)
             .field("send_every", &self.send_every)
@@ -215,16 +484,18 @@ impl fmt::Debug for Connection {
 
 impl AsRawFd for Connection {
     fn as_raw_fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
+        self.transport.sock().as_raw_fd()
     }
 }
 
 impl Connection {
     /// Connects to `host` (one `host:port` entry, normally from `cfg.hosts`) within
-    /// `cfg.connect_timeout` (TCP connect and the CONNECTED answer together), sending CONNECT
-    /// with `accept-version:1.2`, `host:<vhost>`, `login`, `passcode` and `heart-beat`, and
-    /// negotiates heart-beats as the specification says. An ERROR answer is
-    /// [`StompError::Refused`].
+    /// `cfg.connect_timeout` (TCP connect, TLS handshake and the CONNECTED answer together),
+    /// sending CONNECT with `accept-version:1.2`, `host:<vhost>`, `login`, `passcode` and
+    /// `heart-beat`, and negotiates heart-beats as the specification says. An ERROR answer is
+    /// [`StompError::Refused`]. With `cfg.tls`, a failed handshake (untrusted certificate,
+    /// name mismatch, client certificate refused) is [`StompError::Tls`]; bad TLS settings
+    /// are [`StompError::Config`], found before any network traffic.
     pub fn open(cfg: &Config, host: &str) -> Result<Connection, StompError> {
         let start = Instant::now();
         let deadline = start + cfg.connect_timeout;
@@ -233,6 +504,10 @@ impl Connection {
                 "connect_timeout must not be zero".into(),
             ));
         }
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => Some((t.client_config()?, server_name(host)?)),
+        };
         let addrs: Vec<SocketAddr> = host
             .to_socket_addrs()
             .map_err(|e| StompError::Config(format!("bad broker address {host:?}: {e}")))?
@@ -266,10 +541,17 @@ impl Connection {
         // Short write timeout: writes that would block are retried while incoming data is
         // drained (see `flush`), so a broker that stops reading cannot deadlock us.
         stream.set_write_timeout(Some(WRITE_SLICE))?;
+        let transport = match tls {
+            None => Transport::Plain(stream),
+            Some((config, name)) => Transport::Tls(Box::new(tls_handshake(
+                stream, config, name, host, deadline,
+            )?)),
+        };
         let now = Instant::now();
         let mut conn = Connection {
-            stream,
+            transport,
             host: host.to_string(),
+            established: false,
             server: None,
             session: None,
             decoder: Decoder::new(DEFAULT_MAX_FRAME_BYTES),
@@ -359,6 +641,7 @@ impl Connection {
         conn.session = connected.get("session").map(str::to_string);
         let now = Instant::now();
         conn.last_read = now;
+        conn.established = true;
         Ok(conn)
     }
 
@@ -379,6 +662,11 @@ impl Connection {
     /// The `host:port` this connection was opened to.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Whether the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.transport, Transport::Tls(_))
     }
 
     /// CONNECTED's `server` header.
@@ -424,22 +712,31 @@ impl Connection {
         self.wbuf.len()
     }
 
-    /// Writes everything queued (normally one write syscall). While the broker does not read,
-    /// incoming data is drained into the read buffers so that neither side can deadlock.
+    /// Writes everything queued (normally one write syscall; over TLS one per 64 KiB or so),
+    /// including TLS records still pending from earlier heart-beats. While the broker does
+    /// not read, incoming data is drained into the read buffers so that neither side can
+    /// deadlock.
     pub fn flush(&mut self) -> Result<(), StompError> {
-        if self.wbuf.is_empty() {
+        if self.wbuf.is_empty() && !self.transport.wants_write() {
             return Ok(());
         }
         let mut written = 0;
         let mut progress_at = Instant::now();
         let res = loop {
-            if written == self.wbuf.len() {
+            // TLS records first (they may hold earlier plaintext), then more plaintext.
+            let step = if self.transport.wants_write() {
+                self.transport.write_pending().map(|n| (n, 0))
+            } else if written < self.wbuf.len() {
+                self.transport
+                    .write_plain(&self.wbuf[written..])
+                    .map(|n| (n, n))
+            } else {
                 break Ok(());
-            }
-            match self.stream.write(&self.wbuf[written..]) {
-                Ok(0) => break Err(StompError::Closed),
-                Ok(n) => {
-                    written += n;
+            };
+            match step {
+                Ok((0, _)) => break Err(StompError::Closed),
+                Ok((_, taken)) => {
+                    written += taken;
                     progress_at = Instant::now();
                     self.last_write = progress_at;
                 }
@@ -453,7 +750,7 @@ impl Connection {
                     }
                 }
                 Err(e) if is_closed(&e) => break Err(StompError::Closed),
-                Err(e) => break Err(StompError::Io(e)),
+                Err(e) => break Err(self.io_error(e)),
             }
         };
         // Keep whatever was not written (the connection is unusable after an error anyway).
@@ -556,14 +853,17 @@ impl Connection {
     }
 
     /// True when decoded frames are already buffered (so waiting on the socket would be
-    /// wrong).
+    /// wrong). Over TLS this also covers plaintext held inside rustls, although reads drain
+    /// rustls eagerly into the decoder so that never happens between calls: whatever is not
+    /// in the inbox is either a partial frame (needs more bytes) or still in the socket (the
+    /// fd polls readable).
     pub fn has_buffered(&self) -> bool {
-        !self.inbox.is_empty()
+        !self.inbox.is_empty() || (!self.eof && self.transport.holds_plaintext())
     }
 
-    /// The socket's file descriptor (for poll/select-style waiting).
+    /// The TCP socket's file descriptor (for poll/select-style waiting; also with TLS).
     pub fn as_raw_fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
+        self.transport.sock().as_raw_fd()
     }
 
     /// Sends DISCONNECT with a receipt and waits at most `timeout` for it, then closes.
@@ -588,11 +888,31 @@ impl Connection {
                 Err(e) => break Err(e),
             }
         };
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Transport::Tls(s) = &mut self.transport {
+            // close_notify, best effort (each write is bounded by the socket write timeout).
+            s.conn.send_close_notify();
+            for _ in 0..4 {
+                if !s.conn.wants_write() || s.conn.write_tls(&mut s.sock).is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = self.transport.sock().shutdown(std::net::Shutdown::Both);
         res
     }
 
     // ---- internals ----
+
+    /// An i/o error as a [`StompError`]: TLS errors (alerts, bad records) become `Tls`.
+    fn io_error(&self, e: io::Error) -> StompError {
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(t) if self.established => {
+                StompError::Tls(format!("tls error on connection to {}: {t}", self.host))
+            }
+            Some(t) => StompError::Tls(format!("tls handshake with {} failed: {t}", self.host)),
+            None => StompError::Io(e),
+        }
+    }
 
     /// Puts frames back in front of the inbox (in their original order).
     fn unread(&mut self, frames: Vec<Frame>) {
@@ -627,7 +947,17 @@ impl Connection {
             // Queued frames count as heart-beats; they must not be split by an EOL.
             return self.flush();
         }
-        match self.stream.write(b"\n") {
+        let res = if self.transport.wants_write() {
+            // TLS records left by an earlier heart-beat: sending them is the heart-beat.
+            self.transport.write_pending()
+        } else {
+            match self.transport.write_plain(b"\n") {
+                Ok(_) if self.transport.wants_write() => self.transport.write_pending(),
+                other => other,
+            }
+        };
+        match res {
+            Ok(0) => Ok(()),
             Ok(_) => {
                 self.last_write = Instant::now();
                 Ok(())
@@ -636,29 +966,46 @@ impl Connection {
             Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(()),
             // The read that follows drains what the broker sent (an ERROR?) and reports EOF.
             Err(e) if is_closed(&e) => Ok(()),
-            Err(e) => Err(StompError::Io(e)),
+            Err(e) => Err(self.io_error(e)),
         }
     }
 
-    /// Feeds received bytes to the decoder and moves complete frames to the inbox.
-    fn absorb(&mut self, n: usize) -> Result<(), StompError> {
+    /// Feeds received bytes to the decoder and moves complete frames to the inbox; over TLS
+    /// then also whatever plaintext rustls still holds (no syscall), so none is left there.
+    fn absorb(&mut self, mut n: usize) -> Result<(), StompError> {
         self.last_read = Instant::now();
-        self.decoder.feed(&self.rbuf[..n]);
-        while let Some(item) = self.decoder.next()? {
-            if let Decoded::Frame(f) = item {
-                self.inbox.push_back(f);
+        loop {
+            self.decoder.feed(&self.rbuf[..n]);
+            while let Some(item) = self.decoder.next()? {
+                if let Decoded::Frame(f) = item {
+                    self.inbox.push_back(f);
+                }
             }
+            if !self.transport.holds_plaintext() {
+                return Ok(());
+            }
+            n = match self.transport.read(&mut self.rbuf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if is_closed(&e) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(self.io_error(e)),
+            };
         }
-        Ok(())
     }
 
     /// One read waiting at most `wait` (> 0).
     fn read_blocking(&mut self, wait: Duration) -> Result<(), StompError> {
         if self.read_timeout != Some(wait) {
-            self.stream.set_read_timeout(Some(wait))?;
+            self.transport.sock().set_read_timeout(Some(wait))?;
             self.read_timeout = Some(wait);
         }
-        match self.stream.read(&mut self.rbuf) {
+        match self.transport.read(&mut self.rbuf) {
             Ok(0) => {
                 self.eof = true;
                 Ok(())
@@ -669,7 +1016,7 @@ impl Connection {
                 self.eof = true;
                 Ok(())
             }
-            Err(e) => Err(StompError::Io(e)),
+            Err(e) => Err(self.io_error(e)),
         }
     }
 
@@ -678,9 +1025,12 @@ impl Connection {
         if self.eof {
             return Ok(());
         }
-        self.stream.set_nonblocking(true)?;
+        self.transport.sock().set_nonblocking(true)?;
+        // Plain TCP: a short read means the socket is drained. TLS reads return at most a
+        // few records at a time, so read until `WouldBlock`.
+        let short_read_drains = !self.is_tls();
         let res = loop {
-            match self.stream.read(&mut self.rbuf) {
+            match self.transport.read(&mut self.rbuf) {
                 Ok(0) => {
                     self.eof = true;
                     break Ok(());
@@ -689,7 +1039,7 @@ impl Connection {
                     if let Err(e) = self.absorb(n) {
                         break Err(e);
                     }
-                    if n < self.rbuf.len() {
+                    if short_read_drains && n < self.rbuf.len() {
                         break Ok(());
                     }
                 }
@@ -699,10 +1049,10 @@ impl Connection {
                     self.eof = true;
                     break Ok(());
                 }
-                Err(e) => break Err(StompError::Io(e)),
+                Err(e) => break Err(self.io_error(e)),
             }
         };
-        self.stream.set_nonblocking(false)?;
+        self.transport.sock().set_nonblocking(false)?;
         res
     }
 }
@@ -833,6 +1183,7 @@ mod tests {
             vhost: "/".into(),
             heartbeat: (0, 0),
             connect_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 
@@ -1408,5 +1759,573 @@ mod tests {
         ));
         drop(conn);
         h.join().unwrap();
+    }
+
+    /// TLS tests: RabbitMQ's plain STOMP port behind `socat OPENSSL-LISTEN` (the TLS
+    /// terminator), with throw-away certificates made by the `openssl` CLI.
+    mod tls {
+        use super::*;
+        use std::path::{Path, PathBuf};
+        use std::process::{Child, Command as Cmd, Stdio};
+
+        /// A temporary directory, removed on drop.
+        struct TempDir(PathBuf);
+
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+
+        /// A `socat` child process, killed on drop (also when the test panics).
+        struct Socat {
+            child: Child,
+            port: u16,
+        }
+
+        impl Drop for Socat {
+            fn drop(&mut self) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+
+        impl Socat {
+            fn addr(&self) -> String {
+                format!("127.0.0.1:{}", self.port)
+            }
+        }
+
+        fn tools_present() -> bool {
+            for (tool, arg) in [("socat", "-V"), ("openssl", "version")] {
+                let ok = Cmd::new(tool)
+                    .arg(arg)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    eprintln!("NOTE: skipping tls test, `{tool}` is not installed");
+                    return false;
+                }
+            }
+            true
+        }
+
+        fn openssl(dir: &Path, args: &[&str]) {
+            let out = Cmd::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        const EC: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+
+        /// Throw-away PKI in a temp dir: `ca` and `ca2` (two unrelated CAs), and, signed by
+        /// `ca`: `server` (IP 127.0.0.1 + DNS localhost), `other` (DNS other.example only)
+        /// and `client` (client auth). Files are `<name>.pem` / `<name>.key`.
+        struct Pki {
+            dir: TempDir,
+        }
+
+        impl Pki {
+            fn new() -> Pki {
+                use std::sync::atomic::{AtomicU64, Ordering};
+                static N: AtomicU64 = AtomicU64::new(0);
+                let dir = std::env::temp_dir().join(format!(
+                    "stompdev-tls-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).unwrap();
+                let pki = Pki { dir: TempDir(dir) };
+                let d = pki.dir();
+                std::fs::write(
+                    d.join("ca.cnf"),
+                    "[req]\ndistinguished_name = dn\n[dn]\n[v3_ca]\n\
+                     basicConstraints = critical,CA:TRUE\n\
+                     keyUsage = critical,keyCertSign,cRLSign\n\
+                     subjectKeyIdentifier = hash\n",
+                )
+                .unwrap();
+                for ca in ["ca", "ca2"] {
+                    let mut args = vec!["req", "-x509", "-nodes", "-days", "2"];
+                    args.extend(EC);
+                    let (key, pem, subj) = (
+                        format!("{ca}.key"),
+                        format!("{ca}.pem"),
+                        format!("/CN=stompdev {ca}"),
+                    );
+                    args.extend([
+                        "-keyout",
+                        &key,
+                        "-out",
+                        &pem,
+                        "-subj",
+                        &subj,
+                        "-config",
+                        "ca.cnf",
+                        "-extensions",
+                        "v3_ca",
+                    ]);
+                    openssl(d, &args);
+                }
+                pki.leaf(
+                    "server",
+                    "serverAuth",
+                    "subjectAltName = IP:127.0.0.1,DNS:localhost\n",
+                );
+                pki.leaf(
+                    "other",
+                    "serverAuth",
+                    "subjectAltName = DNS:other.example\n",
+                );
+                pki.leaf("client", "clientAuth", "");
+                pki
+            }
+
+            fn leaf(&self, name: &str, eku: &str, san: &str) {
+                let d = self.dir();
+                let ext = format!("{name}.ext");
+                std::fs::write(
+                    d.join(&ext),
+                    format!(
+                        "basicConstraints = critical,CA:FALSE\n\
+                         keyUsage = critical,digitalSignature\n\
+                         extendedKeyUsage = {eku}\n\
+                         authorityKeyIdentifier = keyid\n{san}"
+                    ),
+                )
+                .unwrap();
+                let (key, csr, pem, subj) = (
+                    format!("{name}.key"),
+                    format!("{name}.csr"),
+                    format!("{name}.pem"),
+                    format!("/CN=stompdev {name}"),
+                );
+                let mut args = vec!["req", "-new", "-nodes"];
+                args.extend(EC);
+                args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+                openssl(d, &args);
+                openssl(
+                    d,
+                    &[
+                        "x509",
+                        "-req",
+                        "-in",
+                        &csr,
+                        "-CA",
+                        "ca.pem",
+                        "-CAkey",
+                        "ca.key",
+                        "-CAcreateserial",
+                        "-days",
+                        "2",
+                        "-out",
+                        &pem,
+                        "-extfile",
+                        &ext,
+                    ],
+                );
+            }
+
+            fn dir(&self) -> &Path {
+                &self.dir.0
+            }
+
+            fn path(&self, file: &str) -> String {
+                self.dir().join(file).to_str().unwrap().to_string()
+            }
+
+            fn tls(&self, ca: &str) -> TlsConfig {
+                TlsConfig {
+                    ca_certs: self.path(&format!("{ca}.pem")),
+                    cert_file: String::new(),
+                    key_file: String::new(),
+                }
+            }
+
+            /// Starts `socat` terminating TLS with certificate `name` in front of `target`
+            /// (`verify=1`: a client certificate signed by `ca` is required) and waits until
+            /// it accepts connections.
+            fn socat(&self, name: &str, verify: bool, target: &str) -> Socat {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                let listen = format!(
+                    "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},\
+                     cafile={},verify={}",
+                    self.path(&format!("{name}.pem")),
+                    self.path(&format!("{name}.key")),
+                    self.path("ca.pem"),
+                    u8::from(verify)
+                );
+                let log =
+                    std::fs::File::create(self.dir().join(format!("socat-{port}.log"))).unwrap();
+                let child = Cmd::new("socat")
+                    .args([listen.as_str(), &format!("TCP:{target}")])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("start socat");
+                let socat = Socat { child, port };
+                let t = Instant::now();
+                while TcpStream::connect(socat.addr()).is_err() {
+                    assert!(t.elapsed() < Duration::from_secs(5), "socat did not start");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                socat
+            }
+        }
+
+        fn tls_cfg(addr: &str, tls: TlsConfig) -> Config {
+            let mut c = cfg();
+            c.hosts = vec![addr.to_string()];
+            c.tls = Some(tls);
+            c
+        }
+
+        fn expect_tls_error(c: &Config, host: &str, wants: &[&str]) -> String {
+            let t = Instant::now();
+            let err = Connection::open(c, host).unwrap_err();
+            let took = t.elapsed();
+            eprintln!("tls failure after {took:?}: {err}");
+            assert!(matches!(err, StompError::Tls(_)), "{err:?}");
+            assert!(err.is_fatal());
+            assert!(took < Duration::from_secs(2), "{took:?}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("tls handshake with {host} failed: ")),
+                "{text}"
+            );
+            for w in wants {
+                assert!(text.contains(w), "{text:?} lacks {w:?}");
+            }
+            text
+        }
+
+        #[test]
+        fn tls_batch_subscribe_and_large_frames() {
+            if !tools_present() || !broker_up() {
+                return;
+            }
+            let pki = Pki::new();
+            let socat = pki.socat("server", false, BROKER);
+            let c = tls_cfg(&socat.addr(), pki.tls("ca"));
+            let t = Instant::now();
+            let mut conn = Connection::open(&c, &socat.addr()).unwrap();
+            eprintln!("tls connected in {:?}: {conn:?}", t.elapsed());
+            assert!(conn.is_tls());
+            assert!(conn.server().unwrap_or("").starts_with("RabbitMQ"));
+            assert!(conn.as_raw_fd() >= 0);
+            assert!(!conn.has_buffered());
+            let dest = unique("tls");
+            let mut frames: Vec<Frame> = (0..300).map(|i| send(&dest, &format!("t-{i}"))).collect();
+            // Frames much larger than a TLS record (16 KiB) in both directions.
+            let big: Vec<u8> = (0..(1 << 20) + 7).map(|i| (i % 251) as u8).collect();
+            frames.push(send(&dest, "t-big").body(big.clone()));
+            let t = Instant::now();
+            let out = send_batch(&mut conn, &frames, Duration::from_secs(30));
+            eprintln!(
+                "301 pipelined sends over tls receipted in {:?}",
+                t.elapsed()
+            );
+            assert!(out.all_ok(), "{:?}", out.errors);
+            let mut want: Vec<String> = (0..300).map(|i| format!("t-{i}")).collect();
+            want.push("t-big".into());
+            assert_eq!(out.receipted, want);
+            conn.queue(&subscribe(&dest, "0", "auto")).unwrap();
+            conn.flush().unwrap();
+            for i in 0..300 {
+                let f = conn.read_frame(Duration::from_secs(10)).unwrap().unwrap();
+                assert_eq!(f.command, Command::Message);
+                assert_eq!(f.body, format!("body of t-{i}").into_bytes());
+                // Eager decoding: nothing is ever left inside rustls between calls.
+                assert!(!conn.transport.holds_plaintext());
+            }
+            let f = conn.read_frame(Duration::from_secs(10)).unwrap().unwrap();
+            assert_eq!(f.get("receipt"), Some("t-big"));
+            assert!(f.body == big, "big body differs");
+            assert!(!conn.has_buffered());
+            assert!(
+                conn.read_frame(Duration::from_millis(200))
+                    .unwrap()
+                    .is_none()
+            );
+            conn.disconnect(Duration::from_secs(5)).unwrap();
+            // The DNS name of the certificate works too.
+            let host = format!("localhost:{}", socat.port);
+            let conn = Connection::open(&c, &host).unwrap();
+            conn.disconnect(Duration::from_secs(5)).unwrap();
+        }
+
+        #[test]
+        fn tls_wrong_ca_is_rejected() {
+            if !tools_present() || !broker_up() {
+                return;
+            }
+            let pki = Pki::new();
+            let socat = pki.socat("server", false, BROKER);
+            let c = tls_cfg(&socat.addr(), pki.tls("ca2"));
+            expect_tls_error(
+                &c,
+                &socat.addr(),
+                &["invalid peer certificate", "UnknownIssuer"],
+            );
+            // open_any reports it too (and does not take it for a refusal).
+            let err = Connection::open_any(&c).unwrap_err();
+            assert!(matches!(err, StompError::Tls(_)), "{err:?}");
+        }
+
+        #[test]
+        fn tls_wrong_host_name_is_rejected() {
+            if !tools_present() || !broker_up() {
+                return;
+            }
+            let pki = Pki::new();
+            // A certificate for other.example only, signed by the trusted CA.
+            let socat = pki.socat("other", false, BROKER);
+            let c = tls_cfg(&socat.addr(), pki.tls("ca"));
+            expect_tls_error(
+                &c,
+                &socat.addr(),
+                &["invalid peer certificate", "not valid"],
+            );
+            let host = format!("localhost:{}", socat.port);
+            expect_tls_error(&c, &host, &["invalid peer certificate", "not valid"]);
+        }
+
+        #[test]
+        fn tls_client_certificate() {
+            if !tools_present() || !broker_up() {
+                return;
+            }
+            let pki = Pki::new();
+            let socat = pki.socat("server", true, BROKER);
+            let mut tls = pki.tls("ca");
+            tls.cert_file = pki.path("client.pem");
+            tls.key_file = pki.path("client.key");
+            let c = tls_cfg(&socat.addr(), tls);
+            let mut conn = Connection::open(&c, &socat.addr()).unwrap();
+            let dest = unique("tls-client");
+            let out = send_batch(&mut conn, &[send(&dest, "c-1")], Duration::from_secs(5));
+            assert!(out.all_ok(), "{:?}", out.errors);
+            conn.disconnect(Duration::from_secs(5)).unwrap();
+            // Without a client certificate the server refuses.
+            let c = tls_cfg(&socat.addr(), pki.tls("ca"));
+            expect_tls_error(&c, &socat.addr(), &[]);
+        }
+
+        #[test]
+        fn tls_heartbeats_keep_connection_alive() {
+            if !tools_present() || !broker_up() {
+                return;
+            }
+            let pki = Pki::new();
+            let socat = pki.socat("server", false, BROKER);
+            let mut c = tls_cfg(&socat.addr(), pki.tls("ca"));
+            c.heartbeat = (1000, 1000);
+            let mut conn = Connection::open(&c, &socat.addr()).unwrap();
+            let one = Some(Duration::from_millis(1000));
+            assert_eq!(conn.heartbeats(), (one, one));
+            let start = Instant::now();
+            let mut calls = 0;
+            while start.elapsed() < Duration::from_secs(3) {
+                let due = conn.keepalive_due_in().expect("heart-beats on");
+                assert!(due <= Duration::from_millis(500), "{due:?}");
+                std::thread::sleep(due);
+                conn.keepalive().unwrap();
+                assert!(!conn.has_buffered());
+                calls += 1;
+            }
+            eprintln!("{calls} keepalive calls in 3 s over tls");
+            let dest = unique("tls-hb");
+            let out = send_batch(&mut conn, &[send(&dest, "hb-1")], Duration::from_secs(5));
+            assert!(out.all_ok(), "{:?}", out.errors);
+            // read_frame alone also keeps it alive.
+            assert!(conn.read_frame(Duration::from_secs(3)).unwrap().is_none());
+            conn.disconnect(Duration::from_secs(5)).unwrap();
+            // Heart-beats only from the broker, read late: still alive.
+            c.heartbeat = (0, 1000);
+            let mut conn = Connection::open(&c, &socat.addr()).unwrap();
+            std::thread::sleep(Duration::from_millis(3500));
+            conn.keepalive().unwrap();
+            assert!(!conn.has_buffered());
+            conn.disconnect(Duration::from_secs(5)).unwrap();
+        }
+
+        #[test]
+        fn tls_to_a_plain_port_fails_clearly() {
+            if !tools_present() || !broker_up() {
+                return;
+            }
+            let pki = Pki::new();
+            // RabbitMQ's plain STOMP port closes on a ClientHello.
+            let c = tls_cfg(BROKER, pki.tls("ca"));
+            expect_tls_error(&c, BROKER, &[]);
+            // A server that never answers the ClientHello: the connect timeout covers the
+            // handshake.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let mut c = tls_cfg(&addr, pki.tls("ca"));
+            c.connect_timeout = Duration::from_millis(500);
+            let t = Instant::now();
+            let err = Connection::open(&c, &addr).unwrap_err();
+            assert!(
+                matches!(err, StompError::Timeout("tls handshake")),
+                "{err:?}"
+            );
+            let took = t.elapsed();
+            assert!(
+                took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+                "{took:?}"
+            );
+            drop(l);
+        }
+
+        #[test]
+        fn tls_flush_does_not_deadlock_when_both_sides_write() {
+            if !tools_present() {
+                return;
+            }
+            // Like the plain test, through socat: both sides write 24 MiB before reading.
+            const MIB: usize = 1 << 20;
+            const N: usize = 24;
+            let (addr, h) = fake_broker(b"CONNECTED\nversion:1.2\n\n\0", |s| {
+                let mut out = Vec::new();
+                for i in 0..N {
+                    let f = Frame::new(Command::Message)
+                        .header("n", i.to_string())
+                        .body(vec![b'm'; MIB]);
+                    encode(&f, &mut out).unwrap();
+                }
+                s.write_all(&out).unwrap();
+                let mut total = 0;
+                let mut buf = vec![0u8; MIB];
+                while total < N * MIB {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                }
+                s.write_all(b"RECEIPT\nreceipt-id:done\n\n\0").unwrap();
+                let _ = s.read(&mut buf);
+            });
+            let pki = Pki::new();
+            let socat = pki.socat("server", false, &addr);
+            let c = tls_cfg(&socat.addr(), pki.tls("ca"));
+            let mut conn = Connection::open(&c, &socat.addr()).unwrap();
+            for i in 0..N {
+                conn.queue(
+                    &Frame::new(Command::Send)
+                        .header("destination", "/queue/x")
+                        .header("n", i.to_string())
+                        .body(vec![b's'; MIB]),
+                )
+                .unwrap();
+            }
+            let t = Instant::now();
+            conn.flush().unwrap();
+            assert_eq!(conn.queued_len(), 0);
+            assert!(!conn.transport.wants_write());
+            eprintln!("{N} MiB each way over tls in {:?}", t.elapsed());
+            for i in 0..N {
+                let f = conn.read_frame(Duration::from_secs(10)).unwrap().unwrap();
+                assert_eq!(f.get("n"), Some(i.to_string().as_str()));
+                assert_eq!(f.body.len(), MIB);
+            }
+            let r = conn.read_frame(Duration::from_secs(10)).unwrap().unwrap();
+            assert_eq!(r.get("receipt-id"), Some("done"));
+            drop(conn);
+            drop(socat);
+            h.join().unwrap();
+        }
+
+        #[test]
+        fn tls_config_errors_name_the_file_not_its_contents() {
+            let dir = std::env::temp_dir().join(format!("stompdev-tlscfg-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let _guard = TempDir(dir.clone());
+            let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+            let secret = "-----BEGIN PRIVATE KEY-----\nS3CRETS3CRET!!\n-----END PRIVATE KEY-----\n";
+            std::fs::write(dir.join("garbage.pem"), secret).unwrap();
+            std::fs::write(dir.join("empty.pem"), "").unwrap();
+            let tls = |ca: &str, cert: &str, key: &str| TlsConfig {
+                ca_certs: ca.to_string(),
+                cert_file: cert.to_string(),
+                key_file: key.to_string(),
+            };
+            let check = |t: TlsConfig, wants: &str| {
+                let err = t.client_config().unwrap_err();
+                eprintln!("{err}");
+                assert!(matches!(err, StompError::Config(_)), "{err:?}");
+                let text = err.to_string();
+                assert!(text.contains(wants), "{text:?} lacks {wants:?}");
+                assert!(!text.contains("S3CRET"), "{text}");
+                // Open fails the same way, before any network traffic.
+                let mut c = cfg();
+                c.tls = Some(t);
+                let err = Connection::open(&c, "127.0.0.1:1").unwrap_err();
+                assert!(matches!(err, StompError::Config(_)), "{err:?}");
+            };
+            check(tls("", "", ""), "ca_certs");
+            check(tls(&p("missing.pem"), "", ""), "missing.pem");
+            check(tls(&p("empty.pem"), "", ""), "empty.pem");
+            check(tls(&p("garbage.pem"), "", ""), "garbage.pem");
+            if tools_present() {
+                let pki = Pki::new();
+                let ca = pki.path("ca.pem");
+                assert!(pki.tls("ca").client_config().is_ok());
+                check(tls(&ca, &pki.path("client.pem"), ""), "together");
+                check(tls(&ca, "", &pki.path("client.key")), "together");
+                check(
+                    tls(&ca, &pki.path("client.pem"), &p("garbage.pem")),
+                    "garbage.pem",
+                );
+                check(
+                    tls(&ca, &pki.path("client.pem"), &p("missing.key")),
+                    "missing.key",
+                );
+                // A key that does not belong to the certificate.
+                check(
+                    tls(&ca, &pki.path("client.pem"), &pki.path("server.key")),
+                    "client.pem",
+                );
+                // A key file given as the CA file: no CERTIFICATE in it.
+                check(tls(&pki.path("ca.key"), "", ""), "no CERTIFICATE");
+                assert!(
+                    tls(&ca, &pki.path("client.pem"), &pki.path("client.key"))
+                        .client_config()
+                        .is_ok()
+                );
+            }
+            // Server names.
+            assert!(server_name("127.0.0.1:61614").is_ok());
+            assert!(server_name("[::1]:61614").is_ok());
+            assert!(server_name("broker.example:61614").is_ok());
+            assert!(matches!(
+                server_name("bad name:1"),
+                Err(StompError::Config(_))
+            ));
+            // Config stays comparable (the worker reconnects when it changes).
+            let mut a = cfg();
+            a.tls = Some(tls("a", "", ""));
+            let mut b = a.clone();
+            assert_eq!(a, b);
+            b.tls = Some(tls("b", "", ""));
+            assert_ne!(a, b);
+            assert!(format!("{a:?}").contains("ca_certs"));
+        }
     }
 }

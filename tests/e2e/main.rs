@@ -6,6 +6,7 @@ mod delivery;
 mod inbox;
 mod operations;
 mod regress;
+mod tls;
 
 use std::sync::OnceLock;
 

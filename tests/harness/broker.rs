@@ -34,6 +34,7 @@ pub fn config() -> Config {
         vhost: "/".into(),
         heartbeat: (0, 0),
         connect_timeout: Duration::from_secs(5),
+        tls: None,
     }
 }
 
