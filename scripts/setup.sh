@@ -22,6 +22,10 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "0.18.1"; then
     echo "setup: installing cargo-pgrx 0.18.1 (a few minutes, once per machine)"
     cargo install cargo-pgrx --version 0.18.1 --locked
 fi
+if ! command -v cargo-fuzz >/dev/null; then
+    echo "setup: installing cargo-fuzz (for the codec's fuzz target)"
+    cargo install cargo-fuzz --version 0.13.2 --locked
+fi
 if ! grep -qs "pg15" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     cargo pgrx init --pg15 "$PG_CONFIG"
 fi

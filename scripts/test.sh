@@ -34,6 +34,9 @@ run_step pg_test cargo pgrx test pg15 "${runas[@]}"
 # The e2e clusters load the plain (not pg_test) build.
 run_step install cargo pgrx install --pg-config "$PG_CONFIG"
 run_step e2e cargo test -p outbox_pg_e2e
+# A short coverage-guided run of the STOMP decoder (the long run is
+# `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run stomp_decode`).
+run_step fuzz bash -c 'cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run stomp_decode -- -max_total_time=20 -seed=1 2>&1 | tail -3'
 
 passed=0; failed=0
 for f in "$logs"/*.log; do
@@ -41,6 +44,8 @@ for f in "$logs"/*.log; do
         passed=$((passed + p)); failed=$((failed + fl))
     done < <(sed -n 's/.*test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$f")
 done
+# The fuzz run counts as one test.
+if grep -q "Done [0-9]* runs" "$logs/fuzz.log" 2>/dev/null; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 rm -rf "$logs"
 [ "$status" -eq 0 ] || [ "$failed" -gt 0 ] || failed=1
 echo "summary: $passed passed, $failed failed"
