@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use outbox_pg_e2e::broker::stomp::client::{Connection, send_batch};
 use outbox_pg_e2e::broker::stomp::frame::{Command, Frame};
 use outbox_pg_e2e::broker::{self, Subscriber};
-use outbox_pg_e2e::{Cluster, unique, wait_for};
+use outbox_pg_e2e::{Cluster, rss_kb, unique, wait_for};
 use postgres::Client;
 
 struct Row {
@@ -210,8 +210,8 @@ fn write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
             ))
             .unwrap();
         }
-        c.batch_execute("CHECKPOINT; VACUUM ANALYZE outbox.published")
-            .unwrap();
+        c.batch_execute("CHECKPOINT").unwrap();
+        c.batch_execute("VACUUM ANALYZE outbox.published").unwrap();
     };
     let one_tx = |c: &mut Client, trigger: &str| -> Duration {
         // Best of three: the machine is shared with the broker.
@@ -231,7 +231,7 @@ fn write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
     let autocommit = |c: &mut Client, trigger: &str| -> Duration {
         setup(c, trigger);
         let stmt = c
-            .prepare("INSERT INTO w VALUES ($1, 'name ' || $1, $1 * 1.5)")
+            .prepare("INSERT INTO w VALUES ($1::int, 'name ' || $1::int, $1::int * 1.5)")
             .unwrap();
         let t = Instant::now();
         for i in 1..=n {
@@ -393,15 +393,6 @@ fn cpu_ticks(pid: i32) -> u64 {
     let f: Vec<&str> = after.split_whitespace().collect();
     f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn rss_kb(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 fn latency(sizes: &Sizes, rows: &mut Vec<Row>) {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_pg_e2e::broker::{self, Subscriber};
-use outbox_pg_e2e::{Cluster, unique, wait_for};
+use outbox_pg_e2e::{Cluster, rss_kb, unique, wait_for};
 
 fn main() {
     let seconds: u64 = std::env::args()
@@ -293,13 +293,4 @@ fn main() {
         && effects_distinct as usize >= committed.len();
     println!("soak: {}", if ok { "PASS" } else { "FAIL" });
     std::process::exit(if ok { 0 } else { 1 });
-}
-
-fn rss_kb(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }

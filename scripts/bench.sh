@@ -10,4 +10,4 @@ export PG_CONFIG
 unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 bash scripts/setup.sh
 cargo pgrx install --release --pg-config "$PG_CONFIG"
-cargo run --release -q -p outbox_pg_bench -- "$@"
+cargo run --release -q -p outbox_pg_bench --bin outbox-bench -- "$@"

@@ -58,6 +58,7 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
     let name = BackgroundWorker::get_extra().to_string();
     let database = guc::text(&guc::DATABASE);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    super::ignore_session_limits();
     if !claim_slot(&name) {
         // Another worker serves this subscription already.
         unsafe { pg_sys::proc_exit(0) };

@@ -22,3 +22,19 @@ pub fn register() {
         .set_restart_time(Some(Duration::from_secs(1)))
         .load();
 }
+
+/// Makes the worker immune to time limits set for its database or role
+/// (`ALTER DATABASE ... SET statement_timeout`): a worker's short
+/// transactions must not be cancelled into a restart loop.
+pub fn ignore_session_limits() {
+    for name in [c"statement_timeout", c"lock_timeout", c"idle_in_transaction_session_timeout"] {
+        unsafe {
+            pgrx::pg_sys::SetConfigOption(
+                name.as_ptr(),
+                c"0".as_ptr(),
+                pgrx::pg_sys::GucContext::PGC_SUSET,
+                pgrx::pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
+    }
+}

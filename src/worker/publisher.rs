@@ -36,6 +36,7 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::text(&guc::DATABASE);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    super::ignore_session_limits();
     let shared = wake::SHARED.get();
     shared
         .publisher_pid

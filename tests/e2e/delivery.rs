@@ -26,18 +26,7 @@ fn cluster(extra: &[&str]) -> Cluster {
 /// One cluster for the tests that leave the worker's settings alone.
 fn shared() -> &'static Cluster {
     static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| {
-        unsafe extern "C" {
-            fn atexit(cb: extern "C" fn()) -> i32;
-        }
-        extern "C" fn stop() {
-            if let Some(c) = C.get() {
-                unsafe { std::ptr::drop_in_place(c as *const Cluster as *mut Cluster) };
-            }
-        }
-        unsafe { atexit(stop) };
-        cluster(&[])
-    })
+    outbox_pg_e2e::shared_cluster(&C, || cluster(&[]))
 }
 
 fn status_counts(c: &mut Client, destination_like: &str) -> (i64, i64, i64) {
@@ -412,4 +401,56 @@ fn send_errors_quickly_when_no_broker_listens() {
     );
     let msg = e.as_db_error().unwrap().message().to_string();
     assert!(msg.contains("could not send to the broker"), "{msg}");
+}
+
+#[test]
+fn the_worker_carries_on_through_session_limits_a_recreated_extension_and_reloads() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let d = format!("/topic/{}", unique("degrade"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = cl.client();
+    // Limits meant for applications do not cancel the worker's work.
+    c.batch_execute("ALTER DATABASE postgres SET statement_timeout = '1ms'; ALTER DATABASE postgres SET lock_timeout = '1ms';")
+        .unwrap();
+    let pid: i32 = c
+        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'", &[])
+        .unwrap()
+        .get(0);
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut c = cl.client();
+    c.batch_execute("SET statement_timeout = 0").unwrap();
+    c.execute("SELECT outbox.publish($1, '\"under limits\"') FROM generate_series(1, 200)", &[&d]).unwrap();
+    assert_eq!(sub.take(200, Duration::from_secs(15)).len(), 200);
+
+    // Dropped and created again: the worker notices and delivers.
+    c.batch_execute("DROP EXTENSION outbox_pg CASCADE; CREATE EXTENSION outbox_pg;").unwrap();
+    c.execute("SELECT outbox.publish($1, '\"after recreate\"')", &[&d]).unwrap();
+    assert_eq!(sub.take(1, Duration::from_secs(15))[0].body_text(), "\"after recreate\"");
+
+    // Every reloadable setting changed with ALTER SYSTEM while running.
+    c.batch_execute(
+        "ALTER SYSTEM SET outbox.batch_size = 7;
+         ALTER SYSTEM SET outbox.poll_interval = '2s';
+         ALTER SYSTEM SET outbox.maximum_backoff = '400ms';
+         ALTER SYSTEM SET outbox.maximum_retry_attempts = 4;
+         ALTER SYSTEM SET outbox.pause_for_retry = '50ms';
+         ALTER SYSTEM SET outbox.wait_retry = '50ms';
+         ALTER SYSTEM SET outbox.days_to_keep_data = 10;
+         ALTER SYSTEM SET outbox.cleanup_interval = '1h';
+         ALTER SYSTEM SET outbox.max_message_bytes = '2MB';
+         ALTER SYSTEM SET outbox.stomp_heartbeats = '2000,2000';
+         ALTER SYSTEM SET outbox.stomp_connect_timeout = '3s';
+         ALTER SYSTEM SET outbox.stomp_vhost = '/';
+         ALTER SYSTEM SET outbox.stomp_username = 'guest';
+         ALTER SYSTEM SET outbox.stomp_passcode = 'guest';
+         ALTER SYSTEM SET outbox.stomp_queue_headers = '{\"durable\":\"true\"}';
+         SELECT pg_reload_conf();",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    c.execute("SELECT outbox.publish($1, to_jsonb(i)) FROM generate_series(1, 30) i", &[&d]).unwrap();
+    assert_eq!(sub.take(30, Duration::from_secs(15)).len(), 30);
+    assert!(cl.log().contains("broker settings changed, reconnecting"), "stomp_* changes reconnect");
 }

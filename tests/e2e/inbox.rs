@@ -20,16 +20,7 @@ const SETTINGS: &[&str] = &[
 
 fn shared() -> &'static Cluster {
     static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| {
-        unsafe extern "C" {
-            fn atexit(cb: extern "C" fn()) -> i32;
-        }
-        extern "C" fn stop() {
-            if let Some(c) = C.get() {
-                unsafe { std::ptr::drop_in_place(c as *const Cluster as *mut Cluster) };
-            }
-        }
-        unsafe { atexit(stop) };
+    outbox_pg_e2e::shared_cluster(&C, || {
         let c = Cluster::start(SETTINGS);
         c.execute(
             "postgres",

@@ -11,7 +11,48 @@ pub mod cluster;
 
 pub use cluster::Cluster;
 
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// A cluster shared by the tests of one group, started on first use and
+/// stopped when the test binary exits (statics are never dropped, so an
+/// `atexit` handler stops every shared cluster).
+pub fn shared_cluster(
+    cell: &'static OnceLock<Cluster>,
+    init: impl FnOnce() -> Cluster,
+) -> &'static Cluster {
+    static CELLS: Mutex<Vec<&'static OnceLock<Cluster>>> = Mutex::new(Vec::new());
+    cell.get_or_init(|| {
+        unsafe extern "C" {
+            fn atexit(cb: extern "C" fn()) -> i32;
+        }
+        extern "C" fn stop_all() {
+            for cell in CELLS.lock().map(|c| c.clone()).unwrap_or_default() {
+                if let Some(c) = cell.get() {
+                    // SAFETY: at exit nothing uses the cluster any more.
+                    unsafe { std::ptr::drop_in_place(c as *const Cluster as *mut Cluster) };
+                }
+            }
+        }
+        let mut cells = CELLS.lock().unwrap_or_else(|e| e.into_inner());
+        if cells.is_empty() {
+            unsafe { atexit(stop_all) };
+        }
+        cells.push(cell);
+        drop(cells);
+        init()
+    })
+}
+
+/// Resident memory of a process, in kB (0 if it is gone).
+pub fn rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
 
 /// Polls `f` every 20 ms until it returns Some, or panics with `what` after
 /// `timeout`.
