@@ -570,7 +570,10 @@ fn backlog(sizes: &Sizes, rows: &mut Vec<Row>) {
     });
     let growth = rss_after as f64 / rss_before.max(1) as f64;
     rows.push(Row {
-        figure: format!("publisher RSS after the {}-row drain", sizes.backlog_big),
+        figure: format!(
+            "publisher private memory (RssAnon) after the {}-row drain",
+            sizes.backlog_big
+        ),
         value: format!("{} MB", rss_after / 1024),
         baseline: format!("{} MB before", rss_before / 1024),
         ratio: format!("{growth:.2}×"),

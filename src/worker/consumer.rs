@@ -468,10 +468,7 @@ impl Consumer {
                     finish(&id, "discarded", None);
                     Verdict::DeadLetter
                 }
-                Ok(_) => {
-                    finish(&id, "consumed", None);
-                    Verdict::Ack
-                }
+                Ok(_) => Verdict::Ack,
                 Err(why) => {
                     finish(&id, "failed", Some(&why));
                     if attempts >= max {
@@ -584,6 +581,24 @@ fn headers_json(m: &Frame) -> String {
 
 /// Records the message id; Some(attempts) when the callback must run (new,
 /// or failed before), None when it was consumed or discarded already.
+const RECORD: &std::ffi::CStr = c"INSERT INTO outbox.received AS r \
+     (message_id, subscription, destination, headers, body, status, processed_at) \
+     VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'consumed', pg_catalog.clock_timestamp()) \
+     ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts OPERATOR(pg_catalog.+) 1, \
+         subscription = excluded.subscription, body = excluded.body, headers = excluded.headers, \
+         status = 'consumed', last_error = NULL, processed_at = excluded.processed_at \
+     WHERE r.status = 'failed' \
+     RETURNING r.attempts";
+
+thread_local! {
+    /// RECORD, prepared once per worker.
+    static RECORD_PLAN: std::cell::Cell<pg_sys::SPIPlanPtr> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// Records the message id as consumed; Some(attempts) when the callback
+/// must run (new, or failed before), None when it was consumed or
+/// discarded already. The row says `consumed` unless the callback's
+/// outcome changes it (`finish`), so success costs no second write.
 fn record(
     id: &str,
     sub: &Subscription,
@@ -591,27 +606,46 @@ fn record(
     headers: &str,
     body: &str,
 ) -> Option<i32> {
-    Spi::connect_mut(|c| {
-        c.update(
-            "INSERT INTO outbox.received AS r (message_id, subscription, destination, headers, body, status) \
-             VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'consumed') \
-             ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts + 1, subscription = excluded.subscription, \
-                 body = excluded.body, headers = excluded.headers \
-             WHERE r.status = 'failed' \
-             RETURNING r.attempts",
-            None,
-            &[
-                DatumWithOid::from(id),
-                DatumWithOid::from(sub.name.as_str()),
-                DatumWithOid::from(destination),
-                DatumWithOid::from(headers),
-                DatumWithOid::from(body),
-            ],
-        )
-        .ok()?
-        .next()
-        .and_then(|r| r.get::<i32>(1).ok().flatten())
-    })
+    let text = |s: &str| unsafe {
+        pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+            s.as_ptr().cast(),
+            s.len() as i32,
+        ))
+    };
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("outbox consumer: could not connect to SPI");
+        }
+        let mut plan = RECORD_PLAN.with(|p| p.get());
+        if plan.is_null() {
+            let mut types = [pg_sys::TEXTOID; 5];
+            plan = pg_sys::SPI_prepare(RECORD.as_ptr(), 5, types.as_mut_ptr());
+            pg_sys::SPI_keepplan(plan);
+            RECORD_PLAN.with(|p| p.set(plan));
+        }
+        let mut values = [
+            text(id),
+            text(&sub.name),
+            text(destination),
+            text(headers),
+            text(body),
+        ];
+        let nulls = [b' ' as std::ffi::c_char; 5];
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT_RETURNING as i32 {
+            error!("outbox consumer: could not record message {id} (SPI code {rc})");
+        }
+        let attempts = if pg_sys::SPI_processed == 0 {
+            None
+        } else {
+            let table = pg_sys::SPI_tuptable;
+            let mut isnull = false;
+            let d = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut isnull);
+            (!isnull).then(|| d.value() as i32)
+        };
+        pg_sys::SPI_finish();
+        attempts
+    }
 }
 
 fn record_malformed(id: &str, sub: &Subscription, destination: &str, headers: &str) {

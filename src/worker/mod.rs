@@ -27,7 +27,11 @@ pub fn register() {
 /// (`ALTER DATABASE ... SET statement_timeout`): a worker's short
 /// transactions must not be cancelled into a restart loop.
 pub fn ignore_session_limits() {
-    for name in [c"statement_timeout", c"lock_timeout", c"idle_in_transaction_session_timeout"] {
+    for name in [
+        c"statement_timeout",
+        c"lock_timeout",
+        c"idle_in_transaction_session_timeout",
+    ] {
         unsafe {
             pgrx::pg_sys::SetConfigOption(
                 name.as_ptr(),

@@ -99,6 +99,11 @@ struct Publisher {
     logged: Option<String>,
     /// Rows with id up to this one are sent one per batch.
     isolate_upto: Option<i64>,
+    /// While a backlog drains, each batch starts after the last one's
+    /// highest id, so no scan walks the index entries of rows already
+    /// published (they stay until vacuum); a short batch sends the next
+    /// scan back to the start, where retries and late commits are.
+    cursor: i64,
     /// When the table was last looked at, and whether due-later rows remain.
     last_query: Option<Instant>,
     next_due: Option<Instant>,
@@ -118,6 +123,7 @@ impl Publisher {
             next_host: 0,
             logged: None,
             isolate_upto: None,
+            cursor: 0,
             last_query: None,
             next_due: None,
             idle: false,
@@ -296,12 +302,13 @@ impl Publisher {
         let receipt_timeout = self.config.connect_timeout.max(Duration::from_secs(5));
         let conn = self.conn.as_mut().expect("connected");
         let mut isolate_upto = self.isolate_upto;
+        let after = self.cursor;
 
         // AssertUnwindSafe: an error here ends the worker (it restarts), so
         // no broken state survives an unwind.
-        let (claimed, verdict, next_due) =
+        let (claimed, last_id, verdict, next_due) =
             BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-                let rows = claim(limit);
+                let rows = claim(limit, after);
                 let verdict = if rows.is_empty() {
                     Verdict::default()
                 } else {
@@ -314,12 +321,12 @@ impl Publisher {
                 {
                     isolate_upto = None;
                 }
-                let next_due = if (rows.len() as i64) < limit {
+                let next_due = if (rows.len() as i64) < limit && after == 0 {
                     seconds_to_next_due()
                 } else {
                     None
                 };
-                (rows.len(), verdict, next_due)
+                (rows.len(), rows.last().map(|r| r.id), verdict, next_due)
             }));
         self.last_query = Some(Instant::now());
         self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
@@ -327,6 +334,19 @@ impl Publisher {
             isolate_upto = Some(isolate_upto.map_or(*max, |u| u.max(*max)));
         }
         self.isolate_upto = isolate_upto;
+        let full_scan = after == 0;
+        // After a lost connection, unconfirmed rows lie behind the cursor:
+        // start over so they go out first, in order.
+        self.cursor = match last_id {
+            Some(id)
+                if claimed as i64 == limit
+                    && verdict.lost.is_none()
+                    && verdict.isolate.is_empty() =>
+            {
+                id
+            }
+            _ => 0,
+        };
         let sent = verdict.published.len() as u64;
         wake::SHARED.get().sent.fetch_add(sent, Ordering::Relaxed);
         wake::Reporter::Publisher.count(sent);
@@ -342,7 +362,12 @@ impl Publisher {
             self.lost(format!("connection to {host} lost: {why}"));
             return None;
         }
-        Some(claimed)
+        // Idle only when a scan from the start found nothing.
+        Some(if claimed == 0 && !full_scan {
+            1
+        } else {
+            claimed
+        })
     }
 }
 
@@ -388,16 +413,17 @@ fn extension_ready() -> bool {
     })
 }
 
-fn claim(limit: i64) -> Vec<Row> {
+/// The next due rows after `after` (an id), in id order.
+fn claim(limit: i64, after: i64) -> Vec<Row> {
     // A read-write SPI call: FOR UPDATE is not allowed in a read-only one.
     Spi::connect_mut(|client| {
         let rows = client
             .update(
                 "SELECT id, destination, headers::text, body::text FROM outbox.published \
-                 WHERE status = 'scheduled' AND next_attempt_at <= pg_catalog.now() \
+                 WHERE status = 'scheduled' AND next_attempt_at <= pg_catalog.now() AND id > $2 \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 None,
-                &[DatumWithOid::from(limit)],
+                &[DatumWithOid::from(limit), DatumWithOid::from(after)],
             )
             .unwrap_or_else(|e| error!("outbox publisher: could not read the outbox: {e}"));
         rows.map(|r| Row {

@@ -414,20 +414,33 @@ fn the_worker_carries_on_through_session_limits_a_recreated_extension_and_reload
     c.batch_execute("ALTER DATABASE postgres SET statement_timeout = '1ms'; ALTER DATABASE postgres SET lock_timeout = '1ms';")
         .unwrap();
     let pid: i32 = c
-        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'", &[])
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'",
+            &[],
+        )
         .unwrap()
         .get(0);
-    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let mut c = cl.client();
     c.batch_execute("SET statement_timeout = 0").unwrap();
-    c.execute("SELECT outbox.publish($1, '\"under limits\"') FROM generate_series(1, 200)", &[&d]).unwrap();
+    c.execute(
+        "SELECT outbox.publish($1, '\"under limits\"') FROM generate_series(1, 200)",
+        &[&d],
+    )
+    .unwrap();
     assert_eq!(sub.take(200, Duration::from_secs(15)).len(), 200);
 
     // Dropped and created again: the worker notices and delivers.
-    c.batch_execute("DROP EXTENSION outbox_pg CASCADE; CREATE EXTENSION outbox_pg;").unwrap();
-    c.execute("SELECT outbox.publish($1, '\"after recreate\"')", &[&d]).unwrap();
-    assert_eq!(sub.take(1, Duration::from_secs(15))[0].body_text(), "\"after recreate\"");
+    c.batch_execute("DROP EXTENSION outbox_pg CASCADE; CREATE EXTENSION outbox_pg;")
+        .unwrap();
+    c.execute("SELECT outbox.publish($1, '\"after recreate\"')", &[&d])
+        .unwrap();
+    assert_eq!(
+        sub.take(1, Duration::from_secs(15))[0].body_text(),
+        "\"after recreate\""
+    );
 
     // Every reloadable setting changed with ALTER SYSTEM while running.
     c.batch_execute(
@@ -450,7 +463,14 @@ fn the_worker_carries_on_through_session_limits_a_recreated_extension_and_reload
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    c.execute("SELECT outbox.publish($1, to_jsonb(i)) FROM generate_series(1, 30) i", &[&d]).unwrap();
+    c.execute(
+        "SELECT outbox.publish($1, to_jsonb(i)) FROM generate_series(1, 30) i",
+        &[&d],
+    )
+    .unwrap();
     assert_eq!(sub.take(30, Duration::from_secs(15)).len(), 30);
-    assert!(cl.log().contains("broker settings changed, reconnecting"), "stomp_* changes reconnect");
+    assert!(
+        cl.log().contains("broker settings changed, reconnecting"),
+        "stomp_* changes reconnect"
+    );
 }

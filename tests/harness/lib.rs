@@ -44,12 +44,13 @@ pub fn shared_cluster(
     })
 }
 
-/// Resident memory of a process, in kB (0 if it is gone).
+/// Private resident memory of a process (RssAnon: not the shared buffers
+/// it touched), in kB (0 if it is gone).
 pub fn rss_kb(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with("RssAnon:"))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
