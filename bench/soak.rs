@@ -98,7 +98,7 @@ fn main() {
     let clients: Vec<_> = (0..8)
         .map(|client| {
             let url = cl.url("postgres", "postgres");
-            let (committed, ambiguous) = (committed.clone(), ambiguous.clone());
+            let (committed, ambiguous, d) = (committed.clone(), ambiguous.clone(), d.clone());
             std::thread::spawn(move || {
                 let mut n = 0i32;
                 while Instant::now() < deadline {
