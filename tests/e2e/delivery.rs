@@ -424,7 +424,8 @@ fn the_worker_carries_on_through_session_limits_a_recreated_extension_and_reload
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let mut c = cl.client();
-    c.batch_execute("SET statement_timeout = 0").unwrap();
+    c.batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+        .unwrap();
     c.execute(
         "SELECT outbox.publish($1, '\"under limits\"') FROM generate_series(1, 200)",
         &[&d],
@@ -443,25 +444,28 @@ fn the_worker_carries_on_through_session_limits_a_recreated_extension_and_reload
     );
 
     // Every reloadable setting changed with ALTER SYSTEM while running.
-    c.batch_execute(
-        "ALTER SYSTEM SET outbox.batch_size = 7;
-         ALTER SYSTEM SET outbox.poll_interval = '2s';
-         ALTER SYSTEM SET outbox.maximum_backoff = '400ms';
-         ALTER SYSTEM SET outbox.maximum_retry_attempts = 4;
-         ALTER SYSTEM SET outbox.pause_for_retry = '50ms';
-         ALTER SYSTEM SET outbox.wait_retry = '50ms';
-         ALTER SYSTEM SET outbox.days_to_keep_data = 10;
-         ALTER SYSTEM SET outbox.cleanup_interval = '1h';
-         ALTER SYSTEM SET outbox.max_message_bytes = '2MB';
-         ALTER SYSTEM SET outbox.stomp_heartbeats = '2000,2000';
-         ALTER SYSTEM SET outbox.stomp_connect_timeout = '3s';
-         ALTER SYSTEM SET outbox.stomp_vhost = '/';
-         ALTER SYSTEM SET outbox.stomp_username = 'guest';
-         ALTER SYSTEM SET outbox.stomp_passcode = 'guest';
-         ALTER SYSTEM SET outbox.stomp_queue_headers = '{\"durable\":\"true\"}';
-         SELECT pg_reload_conf();",
-    )
-    .unwrap();
+    // ALTER SYSTEM may not share a transaction (a multi-statement batch).
+    for setting in [
+        "outbox.batch_size = 7",
+        "outbox.poll_interval = '2s'",
+        "outbox.maximum_backoff = '400ms'",
+        "outbox.maximum_retry_attempts = 4",
+        "outbox.pause_for_retry = '50ms'",
+        "outbox.wait_retry = '50ms'",
+        "outbox.days_to_keep_data = 10",
+        "outbox.cleanup_interval = '1h'",
+        "outbox.max_message_bytes = '2MB'",
+        "outbox.stomp_heartbeats = '2000,2000'",
+        "outbox.stomp_connect_timeout = '3s'",
+        "outbox.stomp_vhost = '/'",
+        "outbox.stomp_username = 'guest'",
+        "outbox.stomp_passcode = 'guest'",
+        "outbox.stomp_queue_headers = '{\"durable\":\"true\"}'",
+    ] {
+        c.batch_execute(&format!("ALTER SYSTEM SET {setting}"))
+            .unwrap();
+    }
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     c.execute(
         "SELECT outbox.publish($1, to_jsonb(i)) FROM generate_series(1, 30) i",
