@@ -430,9 +430,11 @@ impl Consumer {
         let destination = m.get("destination").unwrap_or_default().to_string();
         let headers = headers_json(m);
         let redelivered = m.get("redelivered") == Some("true");
-        let body = std::str::from_utf8(&m.body)
-            .ok()
-            .filter(|b| serde_json::from_str::<serde_json::Value>(b).is_ok());
+        // Valid JSON that jsonb also accepts (jsonb has no \u0000): a body
+        // Postgres would refuse must not make the worker fail over and over.
+        let body = std::str::from_utf8(&m.body).ok().filter(|b| {
+            !b.contains("\\u0000") && serde_json::from_str::<serde_json::Value>(b).is_ok()
+        });
         let max = guc::MAXIMUM_RETRY_ATTEMPTS.get();
         let sub = &self.sub;
         let (finfo, message_type) = (self.finfo, self.message_type);
@@ -441,7 +443,9 @@ impl Consumer {
                 record_malformed(&id, sub, &destination, &headers);
                 return Verdict::DeadLetter;
             };
-            let Some(attempts) = record(&id, sub, &destination, &headers, body) else {
+            // Parsed once, used by the record and by the callback.
+            let (headers, body) = (jsonb(&headers), jsonb(body));
+            let Some(attempts) = record(&id, sub, &destination, headers, body) else {
                 return Verdict::Ack; // consumed or discarded before: the effect happened once
             };
             let outcome = unsafe {
@@ -453,7 +457,7 @@ impl Consumer {
                             message_type,
                             &id,
                             &destination,
-                            &headers,
+                            headers,
                             body,
                             redelivered,
                         )
@@ -567,23 +571,36 @@ fn message_id(m: &Frame) -> String {
         .iter()
         .find_map(|h| m.get(h).filter(|v| !v.is_empty()))
         .unwrap_or_default()
-        .to_string()
+        .replace('\0', "\u{FFFD}")
 }
 
+/// A jsonb datum from JSON text that is known to be valid.
+fn jsonb(text: &str) -> pg_sys::Datum {
+    let c = std::ffi::CString::new(text).unwrap_or_default();
+    unsafe {
+        pgrx::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(c.as_ptr()))],
+        )
+        .expect("jsonb_in returns a value")
+    }
+}
+
+/// The MESSAGE's headers as a JSON object (the first of repeated names).
+/// NUL, which STOMP allows and jsonb does not, becomes U+FFFD.
 fn headers_json(m: &Frame) -> String {
+    let clean = |s: &str| s.replace('\0', "\u{FFFD}");
     let mut map = serde_json::Map::new();
     for (k, v) in &m.headers {
-        map.entry(k.clone())
-            .or_insert_with(|| serde_json::Value::String(v.clone()));
+        map.entry(clean(k))
+            .or_insert_with(|| serde_json::Value::String(clean(v)));
     }
     serde_json::Value::Object(map).to_string()
 }
 
-/// Records the message id; Some(attempts) when the callback must run (new,
-/// or failed before), None when it was consumed or discarded already.
 const RECORD: &std::ffi::CStr = c"INSERT INTO outbox.received AS r \
      (message_id, subscription, destination, headers, body, status, processed_at) \
-     VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'consumed', pg_catalog.clock_timestamp()) \
+     VALUES ($1, $2, $3, $4, $5, 'consumed', pg_catalog.clock_timestamp()) \
      ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts OPERATOR(pg_catalog.+) 1, \
          subscription = excluded.subscription, body = excluded.body, headers = excluded.headers, \
          status = 'consumed', last_error = NULL, processed_at = excluded.processed_at \
@@ -603,8 +620,8 @@ fn record(
     id: &str,
     sub: &Subscription,
     destination: &str,
-    headers: &str,
-    body: &str,
+    headers: pg_sys::Datum,
+    body: pg_sys::Datum,
 ) -> Option<i32> {
     let text = |s: &str| unsafe {
         pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
@@ -618,18 +635,18 @@ fn record(
         }
         let mut plan = RECORD_PLAN.with(|p| p.get());
         if plan.is_null() {
-            let mut types = [pg_sys::TEXTOID; 5];
+            let mut types = [
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::TEXTOID,
+                pg_sys::JSONBOID,
+                pg_sys::JSONBOID,
+            ];
             plan = pg_sys::SPI_prepare(RECORD.as_ptr(), 5, types.as_mut_ptr());
             pg_sys::SPI_keepplan(plan);
             RECORD_PLAN.with(|p| p.set(plan));
         }
-        let mut values = [
-            text(id),
-            text(&sub.name),
-            text(destination),
-            text(headers),
-            text(body),
-        ];
+        let mut values = [text(id), text(&sub.name), text(destination), headers, body];
         let nulls = [b' ' as std::ffi::c_char; 5];
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT_RETURNING as i32 {
@@ -652,7 +669,7 @@ fn record_malformed(id: &str, sub: &Subscription, destination: &str, headers: &s
     Spi::connect_mut(|c| {
         let _ = c.update(
             "INSERT INTO outbox.received AS r (message_id, subscription, destination, headers, status, last_error, processed_at) \
-             VALUES ($1, $2, $3, $4::jsonb, 'failed', 'malformed body: not JSON', pg_catalog.clock_timestamp()) \
+             VALUES ($1, $2, $3, $4::jsonb, 'failed', 'malformed body: not JSON (or JSON that jsonb cannot store)', pg_catalog.clock_timestamp()) \
              ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts + 1, last_error = excluded.last_error, \
                  processed_at = excluded.processed_at WHERE r.status = 'failed'",
             None,
@@ -735,21 +752,12 @@ fn call(
     message_type: pg_sys::Oid,
     id: &str,
     destination: &str,
-    headers: &str,
-    body: &str,
+    headers: pg_sys::Datum,
+    body: pg_sys::Datum,
     redelivered: bool,
 ) -> Option<bool> {
     unsafe {
         let desc = pg_sys::lookup_rowtype_tupdesc(message_type, -1);
-        let headers_c = std::ffi::CString::new(headers).unwrap_or_default();
-        let body_c = std::ffi::CString::new(body).unwrap_or_default();
-        let jsonb = |c: &std::ffi::CString| {
-            pgrx::direct_function_call_as_datum(
-                pg_sys::jsonb_in,
-                &[Some(pg_sys::Datum::from(c.as_ptr()))],
-            )
-            .expect("jsonb_in returns a value")
-        };
         let text = |s: &str| {
             pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
                 s.as_ptr().cast(),
@@ -759,8 +767,8 @@ fn call(
         let mut values = [
             text(id),
             text(destination),
-            jsonb(&headers_c),
-            jsonb(&body_c),
+            headers,
+            body,
             pg_sys::Datum::from(redelivered),
         ];
         let mut nulls = [false; 5];
