@@ -8,8 +8,8 @@
 //! `outbox.received` (the unique index decides, so a duplicate — even one
 //! arriving at the same moment — is seen inside the transaction), *call*
 //! the callback in a subtransaction as the subscription's owner, commit,
-//! then ACK. A callback that raises is rolled back and *retried* (NACK with
-//! requeue) until `outbox.maximum_retry_attempts`, then *dead-lettered*
+//! then ACK. A callback that raises is rolled back and *retried* (at once,
+//! each attempt its own transaction) until `outbox.maximum_retry_attempts`, then *dead-lettered*
 //! (NACK `requeue:false` → `DLQ.<queue>`); one that returns false is
 //! *discarded* (its work rolled back, dead-lettered).
 
@@ -45,8 +45,10 @@ struct Subscription {
 /// What to tell the broker about one message.
 enum Verdict {
     Ack,
-    /// NACK and let the broker deliver it again.
+    /// Call the callback again.
     Retry,
+    /// Neither ACK nor NACK: the broker delivers it again after we leave.
+    Leave,
     /// NACK with `requeue:false`: to `DLQ.<queue>`.
     DeadLetter,
 }
@@ -376,9 +378,7 @@ impl Consumer {
                 .to_string();
             let reply = match verdict {
                 Verdict::Ack => Frame::new(Command::Ack).header("id", ack),
-                Verdict::Retry => Frame::new(Command::Nack)
-                    .header("id", ack)
-                    .header("requeue", "true"),
+                Verdict::Retry | Verdict::Leave => continue,
                 Verdict::DeadLetter => Frame::new(Command::Nack)
                     .header("id", ack)
                     .header("requeue", "false"),
@@ -424,8 +424,22 @@ impl Consumer {
         events & pg_sys::WL_POSTMASTER_DEATH as i32 == 0
     }
 
-    /// One message, one transaction: record, call, commit.
+    /// One message: attempts until the callback succeeds, discards it, or
+    /// has failed `outbox.maximum_retry_attempts` times. Retrying here, not
+    /// by NACK with requeue, works alike on every broker (ActiveMQ sends
+    /// every NACKed message to the dead-letter queue at once).
     fn handle(&mut self, m: &Frame) -> Verdict {
+        loop {
+            match self.attempt(m) {
+                Verdict::Retry if BackgroundWorker::sigterm_received() => return Verdict::Leave,
+                Verdict::Retry => continue,
+                v => return v,
+            }
+        }
+    }
+
+    /// One attempt, one transaction: record, call, commit.
+    fn attempt(&mut self, m: &Frame) -> Verdict {
         let id = message_id(m);
         let destination = m.get("destination").unwrap_or_default().to_string();
         let headers = headers_json(m);

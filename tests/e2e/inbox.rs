@@ -318,11 +318,23 @@ fn failing_rejecting_and_malformed_messages_go_to_the_dead_letter_queue() {
     assert!(error.contains("not JSON"), "{error}");
     // JSON that jsonb cannot store (\u0000), with a NUL in a header: the
     // same, not a worker failing over and over.
-    send_raw(&d, &[(&[("dop-msg-id", "nul-body-1"), ("note", "a\0b")], r#"{"a": "\u0000"}"#)]);
-    assert_eq!(dlq.take(1, Duration::from_secs(10))[0].body_text(), r#"{"a": "\u0000"}"#);
+    send_raw(
+        &d,
+        &[(
+            &[("dop-msg-id", "nul-body-1"), ("note", "a\0b")],
+            r#"{"a": "\u0000"}"#,
+        )],
+    );
+    assert_eq!(
+        dlq.take(1, Duration::from_secs(10))[0].body_text(),
+        r#"{"a": "\u0000"}"#
+    );
     wait_for("the NUL message recorded", Duration::from_secs(5), || {
-        c.query_opt("SELECT 1 FROM outbox.received WHERE message_id = 'nul-body-1' AND status = 'failed'", &[])
-            .unwrap()
+        c.query_opt(
+            "SELECT 1 FROM outbox.received WHERE message_id = 'nul-body-1' AND status = 'failed'",
+            &[],
+        )
+        .unwrap()
     });
     // ... and the consumer keeps going.
     c.execute(
