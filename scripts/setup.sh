@@ -9,7 +9,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 missing=()
-for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang build-essential pkg-config sudo rabbitmq-server socat openssl; do
+for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang build-essential pkg-config sudo rabbitmq-server socat openssl activemq; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,6 +1,7 @@
 //! End-to-end tests: a real PostgreSQL (throw-away clusters with outbox_pg
 //! preloaded) and, for delivery, the machine's real STOMP broker.
 
+mod activemq;
 mod api;
 mod delivery;
 mod inbox;

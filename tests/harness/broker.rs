@@ -51,8 +51,13 @@ impl Subscriber {
     }
 
     pub fn with_headers(destination: &str, extra: &[(&str, &str)]) -> Subscriber {
+        Subscriber::at(&config(), destination, extra)
+    }
+
+    /// A subscriber on the first host of `cfg` (another broker).
+    pub fn at(cfg: &Config, destination: &str, extra: &[(&str, &str)]) -> Subscriber {
         let mut conn = crate::wait_for("the broker", Duration::from_secs(60), || {
-            Connection::open(&config(), STOMP).ok()
+            Connection::open(cfg, &cfg.hosts[0]).ok()
         });
         let mut f = Frame::new(Command::Subscribe)
             .header("id", "0")

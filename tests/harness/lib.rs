@@ -6,6 +6,7 @@
 //! user when the tests run as root; it is stopped and removed on drop.
 //! Nothing here touches the machine's own PostgreSQL cluster.
 
+pub mod activemq;
 pub mod broker;
 pub mod cluster;
 

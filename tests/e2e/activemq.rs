@@ -1,0 +1,110 @@
+//! ActiveMQ Classic as the broker: delivery and the inbox end to end, with
+//! its differences (queues for durable consumption, NACK straight to the
+//! dead-letter queue, `ack` ids that differ from message ids).
+
+use std::time::Duration;
+
+use outbox_pg_e2e::activemq::ActiveMq;
+use outbox_pg_e2e::broker::Subscriber;
+use outbox_pg_e2e::{Cluster, unique, wait_for};
+
+#[test]
+fn delivery_and_inbox_over_activemq() {
+    let amq = ActiveMq::start();
+    let cl = Cluster::start(&[
+        &format!("outbox.stomp_hosts = '{}'", amq.host()),
+        "outbox.maximum_retry_attempts = 3",
+        "outbox.maximum_backoff = '500ms'",
+    ]);
+    let mut c = cl.client();
+
+    // Delivery: body and headers arrive; the rows are confirmed by receipt.
+    let q = unique("amq_out");
+    let d = format!("/queue/{q}");
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i), '{\"team\": \"billing\", \"tricky\": \"a:b\\nc\"}')
+         FROM generate_series(1, 20) i",
+        &[&d],
+    )
+    .unwrap();
+    let mut sub = Subscriber::at(&amq.config(), &d, &[]);
+    let got = sub.take(20, Duration::from_secs(30));
+    let bodies: Vec<String> = got.iter().map(|m| m.body_text()).collect();
+    assert_eq!(
+        bodies,
+        (1..=20)
+            .map(|i| format!("{{\"n\": {i}}}"))
+            .collect::<Vec<_>>(),
+        "in order"
+    );
+    assert_eq!(got[0].get("team"), Some("billing"));
+    assert_eq!(got[0].get("tricky"), Some("a:b\nc"));
+    assert!(got[0].get("dop-msg-id").is_some());
+    wait_for("rows published", Duration::from_secs(10), || {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM outbox.published WHERE status = 'published'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (n == 20).then_some(())
+    });
+
+    // The inbox: a queue destination (ActiveMQ keeps topics for present
+    // subscribers only), callbacks once per message, a failing one to DLQ.<queue>.
+    c.batch_execute(
+        "CREATE TABLE got (body jsonb);
+         CREATE FUNCTION keep(m outbox.message) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF m.body ? 'fail' THEN RAISE EXCEPTION 'no'; END IF;
+             INSERT INTO got VALUES (m.body);
+         END $$;",
+    )
+    .unwrap();
+    let q = unique("amq_in");
+    let d = format!("/queue/{q}");
+    c.execute(
+        "SELECT outbox.subscribe('amq', $1, 'keep(outbox.message)')",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("the consumer", Duration::from_secs(20), || {
+        cl.log()
+            .contains("outbox consumer \"amq\": subscribed")
+            .then_some(())
+    });
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i)) FROM generate_series(1, 30) i",
+        &[&d],
+    )
+    .unwrap();
+    c.execute("SELECT outbox.publish($1, '{\"fail\": true}')", &[&d])
+        .unwrap();
+    wait_for("30 callbacks", Duration::from_secs(30), || {
+        let n: i64 = c.query_one("SELECT count(*) FROM got", &[]).unwrap().get(0);
+        (n == 30).then_some(())
+    });
+    let mut dlq = Subscriber::at(&amq.config(), &format!("/queue/DLQ.{q}"), &[]);
+    assert_eq!(
+        dlq.take(1, Duration::from_secs(20))[0].body_text(),
+        r#"{"fail": true}"#
+    );
+    let (status, attempts): (String, i32) = c
+        .query_one(
+            "SELECT status::text, attempts FROM outbox.received WHERE body ? 'fail'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((status.as_str(), attempts), ("failed", 3));
+    let consumed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.received WHERE status = 'consumed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(consumed, 30);
+    c.execute("SELECT outbox.unsubscribe('amq')", &[]).unwrap();
+}

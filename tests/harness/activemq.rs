@@ -1,0 +1,116 @@
+//! ActiveMQ Classic (Debian's `activemq` package) as a second STOMP broker:
+//! a throw-away instance with its own configuration, data folder and STOMP
+//! port on 127.0.0.1 (never RabbitMQ's 61613), dead letters per queue as
+//! `DLQ.<queue>`; stopped with SIGTERM and removed on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::broker::stomp::client::{Config, Connection};
+
+const HOME: &str = "/usr/share/activemq";
+
+pub struct ActiveMq {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl ActiveMq {
+    pub fn start() -> ActiveMq {
+        let jar = format!("{HOME}/bin/activemq.jar");
+        assert!(
+            std::path::Path::new(&jar).exists(),
+            "{jar} is missing: scripts/setup.sh installs activemq"
+        );
+        let dir = std::env::temp_dir().join(crate::unique("outbox_activemq"));
+        for sub in ["conf", "data", "tmp"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.display();
+        std::fs::write(
+            dir.join("conf/activemq.xml"),
+            format!(
+                r#"<beans xmlns="http://www.springframework.org/schema/beans"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+  xsi:schemaLocation="http://www.springframework.org/schema/beans http://www.springframework.org/schema/beans/spring-beans.xsd
+    http://activemq.apache.org/schema/core http://activemq.apache.org/schema/core/activemq-core.xsd">
+  <broker xmlns="http://activemq.apache.org/schema/core" brokerName="outbox-test" useJmx="false"
+          persistent="true" dataDirectory="{d}/data">
+    <destinationPolicy><policyMap><policyEntries>
+      <policyEntry queue=">">
+        <deadLetterStrategy>
+          <individualDeadLetterStrategy queuePrefix="DLQ." useQueueForQueueMessages="true" processNonPersistent="true"/>
+        </deadLetterStrategy>
+      </policyEntry>
+    </policyEntries></policyMap></destinationPolicy>
+    <persistenceAdapter><kahaDB directory="{d}/data/kahadb"/></persistenceAdapter>
+    <transportConnectors>
+      <transportConnector name="stomp" uri="stomp://127.0.0.1:{port}"/>
+    </transportConnectors>
+  </broker>
+</beans>
+"#
+            ),
+        )
+        .unwrap();
+        let child = Command::new("java")
+            .args(["-Xmx256m", "-Djava.awt.headless=true"])
+            .arg(format!("-Dactivemq.home={HOME}"))
+            .arg(format!("-Dactivemq.base={d}"))
+            .arg(format!("-Dactivemq.conf={d}/conf"))
+            .arg(format!("-Dactivemq.data={d}/data"))
+            .arg(format!("-Djava.io.tmpdir={d}/tmp"))
+            .args(["-jar", &jar, "start"])
+            .arg(format!("xbean:file:{d}/conf/activemq.xml"))
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.join("activemq.log")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("activemq.err")).unwrap(),
+            ))
+            .spawn()
+            .expect("java runs");
+        let amq = ActiveMq { port, dir, child };
+        let cfg = amq.config();
+        crate::wait_for("ActiveMQ's STOMP port", Duration::from_secs(90), || {
+            Connection::open(&cfg, &amq.host()).ok()
+        });
+        amq
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn config(&self) -> Config {
+        Config {
+            hosts: vec![self.host()],
+            ..crate::broker::config()
+        }
+    }
+}
+
+impl Drop for ActiveMq {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
