@@ -108,3 +108,82 @@ fn delivery_and_inbox_over_activemq() {
     assert_eq!(consumed, 30);
     c.execute("SELECT outbox.unsubscribe('amq')", &[]).unwrap();
 }
+
+#[test]
+fn activemq_restarts_duplicates_and_discards() {
+    let mut amq = ActiveMq::start();
+    let cl = Cluster::start(&[
+        &format!("outbox.stomp_hosts = '{}'", amq.host()),
+        "outbox.maximum_backoff = '500ms'",
+    ]);
+    let mut c = cl.client();
+    c.batch_execute(
+        "CREATE TABLE got (id text, body jsonb);
+         CREATE FUNCTION keep(m outbox.message) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO got VALUES (m.message_id, m.body);
+             RETURN NOT m.body ? 'drop';
+         END $$;",
+    )
+    .unwrap();
+    let q = unique("amq_restart");
+    let d = format!("/queue/{q}");
+    c.execute(
+        "SELECT outbox.subscribe('amq2', $1, 'keep(outbox.message)')",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("the consumer", Duration::from_secs(20), || {
+        cl.log()
+            .contains("outbox consumer \"amq2\": subscribed")
+            .then_some(())
+    });
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i)) FROM generate_series(1, 50) i",
+        &[&d],
+    )
+    .unwrap();
+    // The broker stops mid-stream and comes back: nothing is lost.
+    amq.stop();
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i)) FROM generate_series(51, 100) i",
+        &[&d],
+    )
+    .unwrap();
+    amq.start_again();
+    wait_for(
+        "100 messages after the restart",
+        Duration::from_secs(60),
+        || {
+            let n: i64 = c
+                .query_one("SELECT count(DISTINCT id) FROM got", &[])
+                .unwrap()
+                .get(0);
+            (n == 100).then_some(())
+        },
+    );
+    let dup: i64 = c
+        .query_one("SELECT count(*) - count(DISTINCT id) FROM got", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(dup, 0, "one effect per message id");
+    let retries: i64 = c
+        .query_one("SELECT sum(retry) FROM outbox.published", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(retries, 0, "a broker restart is not a message failure");
+    // A discarded message: nothing the callback wrote stays, it goes to the DLQ.
+    c.execute("SELECT outbox.publish($1, '{\"drop\": true}')", &[&d])
+        .unwrap();
+    let mut dlq = Subscriber::at(&amq.config(), &format!("/queue/DLQ.{q}"), &[]);
+    assert_eq!(
+        dlq.take(1, Duration::from_secs(20))[0].body_text(),
+        r#"{"drop": true}"#
+    );
+    let kept: i64 = c
+        .query_one("SELECT count(*) FROM got WHERE body ? 'drop'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 0);
+    c.execute("SELECT outbox.unsubscribe('amq2')", &[]).unwrap();
+}

@@ -60,29 +60,39 @@ impl ActiveMq {
             ),
         )
         .unwrap();
-        let child = Command::new("java")
-            .args(["-Xmx256m", "-Djava.awt.headless=true"])
-            .arg(format!("-Dactivemq.home={HOME}"))
-            .arg(format!("-Dactivemq.base={d}"))
-            .arg(format!("-Dactivemq.conf={d}/conf"))
-            .arg(format!("-Dactivemq.data={d}/data"))
-            .arg(format!("-Djava.io.tmpdir={d}/tmp"))
-            .args(["-jar", &jar, "start"])
-            .arg(format!("xbean:file:{d}/conf/activemq.xml"))
-            .stdout(Stdio::from(
-                std::fs::File::create(dir.join("activemq.log")).unwrap(),
-            ))
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join("activemq.err")).unwrap(),
-            ))
-            .spawn()
-            .expect("java runs");
+        let child = spawn(&dir);
         let amq = ActiveMq { port, dir, child };
-        let cfg = amq.config();
-        crate::wait_for("ActiveMQ's STOMP port", Duration::from_secs(90), || {
-            Connection::open(&cfg, &amq.host()).ok()
-        });
+        amq.wait_until_up();
         amq
+    }
+
+    fn wait_until_up(&self) {
+        let cfg = self.config();
+        crate::wait_for("ActiveMQ's STOMP port", Duration::from_secs(90), || {
+            Connection::open(&cfg, &self.host()).ok()
+        });
+    }
+
+    /// Stops the broker (SIGTERM, a clean shutdown).
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data (persistent messages stay).
+    pub fn start_again(&mut self) {
+        self.child = spawn(&self.dir);
+        self.wait_until_up();
     }
 
     pub fn host(&self) -> String {
@@ -99,18 +109,31 @@ impl ActiveMq {
 
 impl Drop for ActiveMq {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Starts ActiveMQ on the configuration in `dir` (java directly: Debian's
+/// /usr/bin/activemq overrides the base folder, heap and log).
+fn spawn(dir: &std::path::Path) -> Child {
+    let jar = format!("{HOME}/bin/activemq.jar");
+    let d = dir.display();
+    Command::new("java")
+        .args(["-Xmx256m", "-Djava.awt.headless=true"])
+        .arg(format!("-Dactivemq.home={HOME}"))
+        .arg(format!("-Dactivemq.base={d}"))
+        .arg(format!("-Dactivemq.conf={d}/conf"))
+        .arg(format!("-Dactivemq.data={d}/data"))
+        .arg(format!("-Djava.io.tmpdir={d}/tmp"))
+        .args(["-jar", &jar, "start"])
+        .arg(format!("xbean:file:{d}/conf/activemq.xml"))
+        .stdout(Stdio::from(
+            std::fs::File::create(dir.join("activemq.log")).unwrap(),
+        ))
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("activemq.err")).unwrap(),
+        ))
+        .spawn()
+        .expect("java runs")
 }
