@@ -160,7 +160,8 @@ fn main() {
             .map(|r| r.get(0))
     };
     let step = Duration::from_secs(seconds) / 6;
-    let faults: Vec<(&str, Box<dyn Fn()>)> = vec![
+    type Fault<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let faults: Vec<Fault> = vec![
         (
             "broker restart",
             Box::new(|| {

@@ -23,6 +23,8 @@ run_step() {
     [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)"; status=1; }
 }
 
+run_step fmt cargo fmt --all --check
+
 pgdata=/tmp/outbox_pg-pgtest
 if [ "$(id -u)" -eq 0 ]; then
     install -d -o postgres -g postgres "$pgdata"

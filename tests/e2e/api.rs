@@ -58,12 +58,12 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     let big = format!("SELECT outbox.publish('{dest}', to_jsonb(repeat('x', 1100000)))");
     let cases: Vec<(String, &str, &str)> = vec![
         (
-            format!("SELECT outbox.publish(NULL, '{{}}')"),
+            "SELECT outbox.publish(NULL, '{}')".to_string(),
             "22004",
             "destination must not be null",
         ),
         (
-            format!("SELECT outbox.publish('', '{{}}')"),
+            "SELECT outbox.publish('', '{}')".to_string(),
             "22023",
             "destination must not be empty",
         ),
@@ -73,7 +73,7 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
             "invalid destination",
         ),
         (
-            format!("SELECT outbox.publish('/', '{{}}')"),
+            "SELECT outbox.publish('/', '{}')".to_string(),
             "22023",
             "invalid destination",
         ),
