@@ -25,14 +25,24 @@ pub unsafe extern "C-unwind" fn outbox_publish(fcinfo: pg_sys::FunctionCallInfo)
     }
 }
 
-unsafe fn publish(fcinfo: pg_sys::FunctionCallInfo) -> Result<uuid::Uuid> {
+/// The arguments `publish` and `send` share, checked: destination, body,
+/// headers.
+unsafe fn message_args(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Result<(String, pg_sys::Datum, headers::Headers)> {
     let destination = unsafe { fmgr::arg_text(fcinfo, 0) };
-    let destination = enqueue::check_destination(destination.as_deref())?;
+    let destination = enqueue::check_destination(destination.as_deref())?.to_string();
     let body = unsafe { fmgr::arg(fcinfo, 1) }.ok_or(OutboxError::Null { what: "body" })?;
     let user_headers = match unsafe { fmgr::arg(fcinfo, 2) } {
         None => Vec::new(),
         Some(d) => parse_headers(&unsafe { fmgr::jsonb_text(d) })?,
     };
+    Ok((destination, body, user_headers))
+}
+
+unsafe fn publish(fcinfo: pg_sys::FunctionCallInfo) -> Result<uuid::Uuid> {
+    let (destination, body, user_headers) = unsafe { message_args(fcinfo) }?;
+    let destination = destination.as_str();
     let version = unsafe { fmgr::arg_text(fcinfo, 3) };
     let wire = enqueue::wire_destination(destination, version.as_deref())?;
     let delay = unsafe { fmgr::arg(fcinfo, 4) };
@@ -70,13 +80,8 @@ pub unsafe extern "C-unwind" fn outbox_send(fcinfo: pg_sys::FunctionCallInfo) ->
 
 unsafe fn send(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
     use crate::stomp::client::{Connection, send_batch};
-    let destination = unsafe { fmgr::arg_text(fcinfo, 0) };
-    let destination = enqueue::check_destination(destination.as_deref())?;
-    let body = unsafe { fmgr::arg(fcinfo, 1) }.ok_or(OutboxError::Null { what: "body" })?;
-    let user_headers = match unsafe { fmgr::arg(fcinfo, 2) } {
-        None => Vec::new(),
-        Some(d) => parse_headers(&unsafe { fmgr::jsonb_text(d) })?,
-    };
+    let (destination, body, user_headers) = unsafe { message_args(fcinfo) }?;
+    let destination = destination.as_str();
     enqueue::check_size(body)?;
     let id = uuid::Uuid::new_v4().to_string();
     let stored = headers::stored(

@@ -127,13 +127,7 @@ fn release_slot_if(name: &str, for_good: bool) {
 /// The subscription's row, or None when it no longer exists.
 fn load(name: &str) -> Option<Subscription> {
     BackgroundWorker::transaction(|| {
-        let exists = Spi::get_one::<bool>(
-            "SELECT pg_catalog.to_regclass('outbox.subscriptions') IS NOT NULL",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if !exists {
+        if !super::table_exists("subscriptions") {
             return None;
         }
         Spi::connect(|c| {

@@ -42,3 +42,16 @@ pub fn ignore_session_limits() {
         }
     }
 }
+
+/// Whether the extension's table `outbox.<name>` exists in this database
+/// (the extension may not be created yet, or may have been dropped). Runs
+/// inside the caller's transaction.
+pub fn table_exists(name: &str) -> bool {
+    pgrx::spi::Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.to_regclass(pg_catalog.format('outbox.%I', $1::text)) IS NOT NULL",
+        &[pgrx::datum::DatumWithOid::from(name)],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}

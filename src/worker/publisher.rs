@@ -405,12 +405,7 @@ fn retention() {
 /// Whether `outbox.published` exists in this database (the extension may
 /// not be created yet, or may have been dropped).
 fn extension_ready() -> bool {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('outbox.published') IS NOT NULL")
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-    })
+    BackgroundWorker::transaction(|| super::table_exists("published"))
 }
 
 /// The next due rows after `after` (an id), in id order.

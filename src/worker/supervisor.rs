@@ -35,13 +35,7 @@ impl Supervisor {
         }
         self.seen = Some(generation);
         let names: Vec<String> = BackgroundWorker::transaction(|| {
-            let exists = Spi::get_one::<bool>(
-                "SELECT pg_catalog.to_regclass('outbox.subscriptions') IS NOT NULL",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false);
-            if !exists {
+            if !super::table_exists("subscriptions") {
                 return Vec::new();
             }
             Spi::connect(|c| {
