@@ -22,9 +22,9 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 
-use crate::broker::{self, Backoff};
+use super::link::Link;
 use crate::guc;
-use crate::stomp::client::{Config, Connection, StompError};
+use crate::stomp::client::{Connection, StompError};
 use crate::stomp::frame::{Command, Frame};
 use crate::wake::{self, SLOTS};
 
@@ -156,12 +156,7 @@ fn load(name: &str) -> Option<Subscription> {
 struct Consumer {
     sub: Subscription,
     report: wake::Reporter,
-    config: Config,
-    conn: Option<Connection>,
-    backoff: Backoff,
-    reconnect_at: Option<Instant>,
-    next_host: usize,
-    logged: Option<String>,
+    link: Link,
     generation: u64,
     /// The callback, resolved once (TopMemoryContext).
     finfo: *mut pg_sys::FmgrInfo,
@@ -187,15 +182,11 @@ impl Consumer {
         let finfo = finfo as *mut pg_sys::FmgrInfo;
         let report = wake::Reporter::Consumer(sub.name.clone());
         report.started();
+        let link = Link::new(format!("outbox consumer \"{}\"", sub.name), report.clone());
         Consumer {
             report,
+            link,
             sub,
-            config: broker::config(),
-            conn: None,
-            backoff: Backoff::default(),
-            reconnect_at: None,
-            next_host: 0,
-            logged: None,
             generation: wake::SHARED
                 .get()
                 .subscriptions
@@ -215,16 +206,7 @@ impl Consumer {
             }
             if BackgroundWorker::sighup_received() {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-                let config = broker::config();
-                if config != self.config {
-                    log!(
-                        "outbox consumer \"{}\": broker settings changed, reconnecting",
-                        self.sub.name
-                    );
-                    self.config = config;
-                    self.disconnect();
-                    self.reconnect_at = None;
-                }
+                self.link.reload();
             }
             let generation = wake::SHARED
                 .get()
@@ -252,11 +234,8 @@ impl Consumer {
                     Some(_) => {}
                 }
             }
-            if self.conn.is_none() && !self.connect() {
-                let wait = self
-                    .reconnect_at
-                    .map(|at| at.saturating_duration_since(Instant::now()))
-                    .unwrap_or(TICK);
+            if self.link.conn.is_none() && !self.connect() {
+                let wait = self.link.backing_off();
                 if !BackgroundWorker::wait_latch(Some(wait.min(TICK).max(Duration::from_millis(1))))
                 {
                     self.disconnect();
@@ -266,11 +245,12 @@ impl Consumer {
             }
             if let Err(e) = self.pump() {
                 let host = self
+                    .link
                     .conn
                     .as_ref()
                     .map(|c| c.host().to_string())
                     .unwrap_or_default();
-                self.lost(format!("connection to {host} lost: {e}"));
+                self.link.lost(format!("connection to {host} lost: {e}"));
                 continue;
             }
             if !self.wait() {
@@ -281,74 +261,36 @@ impl Consumer {
     }
 
     fn disconnect(&mut self) {
-        if let Some(c) = self.conn.take() {
-            let _ = c.disconnect(Duration::from_millis(500));
-        }
-    }
-
-    fn problem(&mut self, what: String) {
-        if self.logged.as_deref() != Some(what.as_str()) {
-            warning!("outbox consumer \"{}\": {what}", self.sub.name);
-            self.logged = Some(what);
-        }
-    }
-
-    fn lost(&mut self, why: String) {
-        self.conn = None;
-        self.next_host += 1;
-        self.report.failed("", &why);
-        self.problem(why);
-        self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
+        self.link.disconnect();
     }
 
     /// Connects and subscribes; false (with a backoff set) on failure.
     fn connect(&mut self) -> bool {
-        if let Some(at) = self.reconnect_at
-            && at > Instant::now()
-        {
+        if !self.link.backing_off().is_zero() {
             return false;
         }
-        if self.config.hosts.is_empty() {
-            self.problem("outbox.stomp_hosts is empty".into());
-            self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
-            return false;
-        }
-        let host = self.config.hosts[self.next_host % self.config.hosts.len()].clone();
-        let result = Connection::open(&self.config, &host).and_then(|mut c| {
-            subscribe(&mut c, &self.sub)?;
-            Ok(c)
-        });
-        match result {
-            Ok(c) => {
-                self.logged = None;
-                self.report.connected(&host);
+        let sub = &self.sub;
+        let connected = self.link.connect(
+            |c| subscribe(c, sub),
+            |host, e| match e {
+                StompError::Broker { message, .. } if message.contains("precondition") => format!(
+                    "the broker refused to subscribe to {} (queue {}): {e}; the queue exists with other \
+                     arguments (outbox.stomp_queue_headers, dead-letter headers)",
+                    sub.destination, sub.queue
+                ),
+                _ => format!("could not subscribe at {host}: {e}"),
+            },
+        );
+        match connected {
+            Some((host, _)) => {
                 log!(
                     "outbox consumer \"{}\": subscribed to {} at {host}",
-                    self.sub.name,
-                    self.sub.destination
+                    sub.name,
+                    sub.destination
                 );
-                self.conn = Some(c);
-                self.backoff.reset();
-                self.reconnect_at = None;
                 true
             }
-            Err(e) => {
-                let why = match &e {
-                    StompError::Broker { message, .. } if message.contains("precondition") => {
-                        format!(
-                            "the broker refused to subscribe to {} (queue {}): {e}; the queue exists with other \
-                         arguments (outbox.stomp_queue_headers, dead-letter headers)",
-                            self.sub.destination, self.sub.queue
-                        )
-                    }
-                    _ => format!("could not subscribe at {host}: {e}"),
-                };
-                self.next_host += 1;
-                self.report.failed(&host, &why);
-                self.problem(why);
-                self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
-                false
-            }
+            None => false,
         }
     }
 
@@ -356,6 +298,7 @@ impl Consumer {
     fn pump(&mut self) -> Result<(), StompError> {
         let mut handled = 0u64;
         while let Some(frame) = self
+            .link
             .conn
             .as_mut()
             .expect("connected")
@@ -377,7 +320,7 @@ impl Consumer {
                     .header("id", ack)
                     .header("requeue", "false"),
             };
-            let conn = self.conn.as_mut().expect("connected");
+            let conn = self.link.conn.as_mut().expect("connected");
             conn.queue(&reply)?;
             handled += 1;
             if handled.is_multiple_of(64) {
@@ -385,7 +328,7 @@ impl Consumer {
             }
         }
         self.report.count(handled);
-        let conn = self.conn.as_mut().expect("connected");
+        let conn = self.link.conn.as_mut().expect("connected");
         conn.flush()?;
         conn.keepalive()
     }
@@ -393,7 +336,7 @@ impl Consumer {
     /// Sleeps until the socket is readable, the latch is set, or a tick
     /// passes; false when the worker must exit.
     fn wait(&mut self) -> bool {
-        let conn = self.conn.as_ref().expect("connected");
+        let conn = self.link.conn.as_ref().expect("connected");
         if conn.has_buffered() {
             return true;
         }

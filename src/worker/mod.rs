@@ -3,6 +3,7 @@
 //! also supervises the consumers (one dynamic worker per subscription).
 
 pub mod consumer;
+pub mod link;
 pub mod publisher;
 pub mod supervisor;
 

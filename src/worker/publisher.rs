@@ -21,9 +21,10 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 
-use crate::broker::{self, Backoff};
+use super::link::Link;
+use crate::broker;
 use crate::guc;
-use crate::stomp::client::{Config, Connection, StompError, send_batch};
+use crate::stomp::client::{Connection, StompError, send_batch};
 use crate::wake;
 
 /// With nothing scheduled, the worker only wakes at commits; it still looks
@@ -89,14 +90,7 @@ struct Verdict {
 }
 
 struct Publisher {
-    config: Config,
-    conn: Option<Connection>,
-    backoff: Backoff,
-    reconnect_at: Option<Instant>,
-    /// Next host to try (failover rotates through `outbox.stomp_hosts`).
-    next_host: usize,
-    /// The last connection problem logged, so each is logged once.
-    logged: Option<String>,
+    link: Link,
     /// Rows with id up to this one are sent one per batch.
     isolate_upto: Option<i64>,
     /// While a backlog drains, each batch starts after the last one's
@@ -116,12 +110,7 @@ struct Publisher {
 impl Publisher {
     fn new() -> Publisher {
         Publisher {
-            config: broker::config(),
-            conn: None,
-            backoff: Backoff::default(),
-            reconnect_at: None,
-            next_host: 0,
-            logged: None,
+            link: Link::new("outbox publisher".into(), wake::Reporter::Publisher),
             isolate_upto: None,
             cursor: 0,
             last_query: None,
@@ -133,23 +122,13 @@ impl Publisher {
     }
 
     fn reload(&mut self) {
-        let config = broker::config();
-        if config != self.config {
-            log!("outbox publisher: broker settings changed, reconnecting");
-            self.config = config;
-            self.disconnect();
-            self.reconnect_at = None;
-            self.backoff.reset();
-            self.next_host = 0;
-        }
+        self.link.reload();
         // Anything may have changed (batch size, retry schedule): look again.
         self.idle = false;
     }
 
     fn disconnect(&mut self) {
-        if let Some(c) = self.conn.take() {
-            let _ = c.disconnect(Duration::from_millis(500));
-        }
+        self.link.disconnect();
     }
 
     /// Does one unit of work; returns how long to sleep (zero: go on).
@@ -172,18 +151,18 @@ impl Publisher {
         }
         self.supervisor.run(force);
         retention();
-        if self.conn.is_none() {
-            if let Some(at) = self.reconnect_at {
-                let now = Instant::now();
-                if at > now {
-                    return at - now;
-                }
+        if self.link.conn.is_none() {
+            let wait = self.link.backing_off();
+            if !wait.is_zero() {
+                return wait;
             }
-            if !self.connect() {
-                return self
-                    .reconnect_at
-                    .map(|at| at.saturating_duration_since(Instant::now()))
-                    .unwrap_or(poll);
+            match self.link.connect(
+                |_| Ok(()),
+                |host, e| format!("could not connect to broker at {host}: {e}"),
+            ) {
+                Some((host, true)) => log!("outbox publisher: connected to broker at {host}"),
+                Some((host, false)) => debug1!("outbox publisher: connected to broker at {host}"),
+                None => return self.link.backing_off(),
             }
         }
         match self.batch() {
@@ -196,10 +175,7 @@ impl Publisher {
                 Duration::ZERO
             }
             // The connection was lost: reconnect after the backoff.
-            None => self
-                .reconnect_at
-                .map(|at| at.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::ZERO),
+            None => self.link.backing_off(),
         }
     }
 
@@ -216,11 +192,11 @@ impl Publisher {
     }
 
     fn idle_wait(&mut self, poll: Duration) -> Duration {
-        if let Some(c) = self.conn.as_mut()
+        if let Some(c) = self.link.conn.as_mut()
             && let Err(e) = c.keepalive()
         {
             let why = format!("connection to {} lost while idle: {e}", c.host());
-            self.lost(why);
+            self.link.lost(why);
         }
         let mut wait = SAFETY_POLL.max(poll);
         if let Some(d) = self.next_due {
@@ -229,65 +205,10 @@ impl Publisher {
                     .max(Duration::from_millis(1)),
             );
         }
-        if let Some(k) = self.conn.as_ref().and_then(|c| c.keepalive_due_in()) {
+        if let Some(k) = self.link.conn.as_ref().and_then(|c| c.keepalive_due_in()) {
             wait = wait.min(k.max(Duration::from_millis(1)));
         }
         wait
-    }
-
-    fn connect(&mut self) -> bool {
-        let hosts = self.config.hosts.clone();
-        if hosts.is_empty() {
-            self.problem("outbox.stomp_hosts is empty".into());
-            self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
-            return false;
-        }
-        let host = &hosts[self.next_host % hosts.len()];
-        match Connection::open(&self.config, host) {
-            Ok(c) => {
-                if self.logged.take().is_some() {
-                    log!("outbox publisher: connected to broker at {host}");
-                } else {
-                    debug1!("outbox publisher: connected to broker at {host}");
-                }
-                self.conn = Some(c);
-                wake::Reporter::Publisher.connected(host);
-                self.backoff.reset();
-                self.reconnect_at = None;
-                true
-            }
-            Err(e) => {
-                self.next_host = (self.next_host + 1) % hosts.len();
-                let why = format!("could not connect to broker at {host}: {e}");
-                wake::Reporter::Publisher.failed(host, &why);
-                self.problem(why);
-                self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
-                false
-            }
-        }
-    }
-
-    /// Logs a connection problem once per distinct problem.
-    fn problem(&mut self, what: String) {
-        // Ports and addresses differ per host; log again only when the
-        // kind of failure changes.
-        if self.logged.as_deref() != Some(what.as_str()) {
-            warning!("outbox publisher: {what}");
-            self.logged = Some(what);
-        }
-    }
-
-    fn lost(&mut self, why: String) {
-        let host = self
-            .conn
-            .as_ref()
-            .map(|c| c.host().to_string())
-            .unwrap_or_default();
-        wake::Reporter::Publisher.failed(&host, &why);
-        self.conn = None;
-        self.next_host = (self.next_host + 1) % self.config.hosts.len().max(1);
-        self.problem(why);
-        self.reconnect_at = Some(Instant::now() + self.backoff.next_delay());
     }
 
     /// One batch in one transaction. Some(n): n rows claimed; None: the
@@ -299,8 +220,8 @@ impl Publisher {
         } else {
             batch_size
         };
-        let receipt_timeout = self.config.connect_timeout.max(Duration::from_secs(5));
-        let conn = self.conn.as_mut().expect("connected");
+        let receipt_timeout = self.link.config.connect_timeout.max(Duration::from_secs(5));
+        let conn = self.link.conn.as_mut().expect("connected");
         let mut isolate_upto = self.isolate_upto;
         let after = self.cursor;
 
@@ -355,11 +276,12 @@ impl Publisher {
         }
         if let Some(why) = verdict.lost {
             let host = self
+                .link
                 .conn
                 .as_ref()
                 .map(|c| c.host().to_string())
                 .unwrap_or_default();
-            self.lost(format!("connection to {host} lost: {why}"));
+            self.link.lost(format!("connection to {host} lost: {why}"));
             return None;
         }
         // Idle only when a scan from the start found nothing.
