@@ -244,13 +244,7 @@ impl Consumer {
                 continue;
             }
             if let Err(e) = self.pump() {
-                let host = self
-                    .link
-                    .conn
-                    .as_ref()
-                    .map(|c| c.host().to_string())
-                    .unwrap_or_default();
-                self.link.lost(format!("connection to {host} lost: {e}"));
+                self.link.broke(e);
                 continue;
             }
             if !self.wait() {

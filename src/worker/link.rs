@@ -100,6 +100,17 @@ impl Link {
         }
     }
 
+    /// The connection broke with `why`: drop it, try the next host after a
+    /// backoff.
+    pub fn broke(&mut self, why: impl std::fmt::Display) {
+        let host = self
+            .conn
+            .as_ref()
+            .map(|c| c.host().to_string())
+            .unwrap_or_default();
+        self.lost(format!("connection to {host} lost: {why}"));
+    }
+
     /// The connection broke: drop it, try the next host after a backoff.
     pub fn lost(&mut self, why: String) {
         let host = self

@@ -275,13 +275,7 @@ impl Publisher {
             wake::Reporter::Publisher.error(&format!("message {id}: {why}"));
         }
         if let Some(why) = verdict.lost {
-            let host = self
-                .link
-                .conn
-                .as_ref()
-                .map(|c| c.host().to_string())
-                .unwrap_or_default();
-            self.link.lost(format!("connection to {host} lost: {why}"));
+            self.link.broke(why);
             return None;
         }
         // Idle only when a scan from the start found nothing.
