@@ -28,6 +28,7 @@ CREATE TABLE outbox.received (
     added        timestamptz NOT NULL DEFAULT pg_catalog.now(),
     processed_at timestamptz
 );
+COMMENT ON SEQUENCE outbox.received_id_seq IS 'Identity of outbox.received';
 COMMENT ON TABLE outbox.received IS 'Messages consumed by subscriptions, one row per message id: the idempotent inbox';
 COMMENT ON COLUMN outbox.received.message_id IS 'cap-msg-id, else dop-msg-id, else amqp-message-id, else the broker''s message-id';
 COMMENT ON COLUMN outbox.received.subscription IS 'Subscription that received it';
@@ -35,6 +36,11 @@ COMMENT ON COLUMN outbox.received.status IS 'consumed, failed or discarded';
 COMMENT ON COLUMN outbox.received.attempts IS 'Times the callback was called for it';
 COMMENT ON COLUMN outbox.received.last_error IS 'Why the last attempt failed';
 COMMENT ON COLUMN outbox.received.processed_at IS 'When the last attempt ended';
+COMMENT ON COLUMN outbox.received.id IS 'Order of arrival';
+COMMENT ON COLUMN outbox.received.destination IS 'Destination the message came from';
+COMMENT ON COLUMN outbox.received.headers IS 'The MESSAGE frame''s headers';
+COMMENT ON COLUMN outbox.received.body IS 'The message body (NULL when it was not JSON)';
+COMMENT ON COLUMN outbox.received.added IS 'When the message first arrived';
 
 CREATE TABLE outbox.subscriptions (
     name        text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
@@ -45,7 +51,12 @@ CREATE TABLE outbox.subscriptions (
     created     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 COMMENT ON TABLE outbox.subscriptions IS 'One consumer worker per row; see outbox.subscribe()';
+COMMENT ON COLUMN outbox.subscriptions.name IS 'Subscription name; the consumer worker''s application_name';
+COMMENT ON COLUMN outbox.subscriptions.destination IS 'STOMP destination subscribed to';
+COMMENT ON COLUMN outbox.subscriptions.callback IS 'callback(outbox.message) returning void or boolean (false discards)';
+COMMENT ON COLUMN outbox.subscriptions.queue IS 'x-queue-name; dead letters go to DLQ.<queue>';
 COMMENT ON COLUMN outbox.subscriptions.owner IS 'Role the callback runs as: whoever subscribed';
+COMMENT ON COLUMN outbox.subscriptions.created IS 'When the subscription was made';
 
 -- The owner is always the role that wrote the row: nobody can make a
 -- callback run as someone else.
@@ -59,6 +70,7 @@ $$;
 COMMENT ON FUNCTION outbox._subscription_owner() IS 'Private: sets outbox.subscriptions.owner to the writing role';
 CREATE TRIGGER subscription_owner BEFORE INSERT OR UPDATE ON outbox.subscriptions
     FOR EACH ROW EXECUTE FUNCTION outbox._subscription_owner();
+COMMENT ON TRIGGER subscription_owner ON outbox.subscriptions IS 'Sets owner to the role that writes the row';
 
 CREATE FUNCTION outbox._wake() RETURNS void
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'outbox_wake';

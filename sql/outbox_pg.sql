@@ -16,6 +16,8 @@ BEGIN
 END
 $roles$;
 
+COMMENT ON ROLE outbox_publisher IS 'outbox_pg: may call outbox.publish() and outbox.send() and create outbox triggers';
+COMMENT ON ROLE outbox_admin IS 'outbox_pg: may subscribe, retry failed rows, run retention and read the outbox tables (and publish)';
 COMMENT ON SCHEMA outbox IS 'outbox_pg: transactional outbox and idempotent inbox over STOMP';
 REVOKE ALL ON SCHEMA outbox FROM PUBLIC;
 GRANT USAGE ON SCHEMA outbox TO outbox_publisher, outbox_admin;
@@ -43,6 +45,7 @@ CREATE TABLE outbox.published (
 -- next_attempt_at). Partial, so it stays as small as the backlog.
 CREATE INDEX published_scheduled ON outbox.published (id) WHERE status = 'scheduled';
 
+COMMENT ON SEQUENCE outbox.published_id_seq IS 'Identity of outbox.published: the order of enqueue';
 COMMENT ON TABLE outbox.published IS 'Messages written by outbox.publish(); the publisher worker delivers them to the broker';
 COMMENT ON COLUMN outbox.published.id IS 'Order of enqueue; delivery follows it per destination';
 COMMENT ON COLUMN outbox.published.message_id IS 'Sent as dop-msg-id; stable across retries';

@@ -43,3 +43,12 @@ SELECT pg_temp.try($$SELECT outbox.unsubscribe('nope')$$);
 SELECT outbox.unsubscribe('orders');
 SELECT outbox.unsubscribe('billing');
 SELECT count(*) AS left FROM outbox.subscriptions;
+
+-- every object of the extension carries a comment
+SELECT pg_describe_object(d.classid, d.objid, 0) AS without_comment
+FROM pg_depend d
+WHERE d.refclassid = 'pg_extension'::regclass
+  AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'outbox_pg')
+  AND d.deptype = 'e'
+  AND obj_description(d.objid, (SELECT relname FROM pg_class WHERE oid = d.classid)) IS NULL
+ORDER BY 1;

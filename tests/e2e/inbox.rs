@@ -386,6 +386,15 @@ fn unsubscribe_stops_within_a_second_and_resubscribe_picks_up_the_backlog() {
         &[&name, &d],
     )
     .unwrap();
+    let start = Instant::now();
+    wait_for("the consumer to start", Duration::from_secs(3), || {
+        (consumers(&mut c) == 1).then_some(())
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "started in {:?}",
+        start.elapsed()
+    );
     wait_for("the backlog", Duration::from_secs(15), || {
         (effects(&mut c, "{\"unsub\":%") == 10).then_some(())
     });
