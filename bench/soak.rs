@@ -57,30 +57,27 @@ fn main() {
         let (wire, stop, d, wire_q) = (wire.clone(), stop_wire.clone(), d.clone(), wire_q.clone());
         std::thread::spawn(move || {
             let rk = d.trim_start_matches("/topic/").to_string();
-            let mut sub = None;
+            let mut sub: Option<Subscriber> = None;
             while !stop.load(Ordering::Relaxed) {
-                if sub.is_none() {
-                    sub = std::panic::catch_unwind(|| {
-                        Subscriber::with_headers(
-                            &format!("/exchange/amq.topic/{rk}"),
-                            &[
-                                ("x-queue-name", wire_q.trim_start_matches("/queue/")),
-                                ("durable", "true"),
-                                ("auto-delete", "false"),
-                                ("x-expires", "600000"),
-                            ],
-                        )
-                    })
+                // The broker restarts during the soak: resubscribe when it is back.
+                let Some(s) = sub.as_mut() else {
+                    sub = Subscriber::try_at(
+                        &broker::config(),
+                        &format!("/exchange/amq.topic/{rk}"),
+                        &[
+                            ("x-queue-name", wire_q.trim_start_matches("/queue/")),
+                            ("durable", "true"),
+                            ("auto-delete", "false"),
+                            ("x-expires", "600000"),
+                        ],
+                    )
                     .ok();
                     if sub.is_none() {
                         std::thread::sleep(Duration::from_millis(500));
-                        continue;
                     }
-                }
-                let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    sub.as_mut().unwrap().next(Duration::from_millis(500))
-                }));
-                match got {
+                    continue;
+                };
+                match s.try_next(Duration::from_millis(500)) {
                     Ok(Some(m)) => wire
                         .lock()
                         .unwrap()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 #[path = "../../src/stomp/mod.rs"]
 pub mod stomp;
 
-use stomp::client::{Config, Connection};
+use stomp::client::{Config, Connection, StompError};
 use stomp::frame::{Command, Frame};
 
 pub const STOMP: &str = "127.0.0.1:61613";
@@ -56,9 +56,19 @@ impl Subscriber {
 
     /// A subscriber on the first host of `cfg` (another broker).
     pub fn at(cfg: &Config, destination: &str, extra: &[(&str, &str)]) -> Subscriber {
-        let mut conn = crate::wait_for("the broker", Duration::from_secs(60), || {
-            Connection::open(cfg, &cfg.hosts[0]).ok()
-        });
+        crate::wait_for("the broker", Duration::from_secs(60), || {
+            Subscriber::try_at(cfg, destination, extra).ok()
+        })
+    }
+
+    /// One attempt to subscribe (for callers that expect the broker to go
+    /// away and come back).
+    pub fn try_at(
+        cfg: &Config,
+        destination: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Subscriber, StompError> {
+        let mut conn = Connection::open(cfg, &cfg.hosts[0])?;
         let mut f = Frame::new(Command::Subscribe)
             .header("id", "0")
             .header("destination", destination)
@@ -67,31 +77,37 @@ impl Subscriber {
         for (k, v) in extra {
             f = f.header(*k, *v);
         }
-        conn.queue(&f).unwrap();
-        conn.flush().unwrap();
-        let r = conn
-            .read_frame(Duration::from_secs(10))
-            .expect("subscribe receipt")
-            .expect("a frame");
-        assert_eq!(r.command, Command::Receipt, "subscribe answered {r:?}");
-        Subscriber { conn }
+        conn.queue(&f)?;
+        conn.flush()?;
+        match conn.read_frame(Duration::from_secs(10))? {
+            Some(r) if r.command == Command::Receipt => Ok(Subscriber { conn }),
+            other => Err(StompError::Protocol(format!(
+                "subscribe answered {other:?}"
+            ))),
+        }
     }
 
-    /// The next MESSAGE, or None after `timeout`.
-    pub fn next(&mut self, timeout: Duration) -> Option<Frame> {
+    /// The next MESSAGE, None after `timeout`, or the connection's error.
+    pub fn try_next(&mut self, timeout: Duration) -> Result<Option<Frame>, StompError> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return None;
+                return Ok(None);
             }
-            match self.conn.read_frame(left) {
-                Ok(Some(f)) if f.command == Command::Message => return Some(f),
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(e) => panic!("subscriber: {e}"),
+            match self.conn.read_frame(left)? {
+                Some(f) if f.command == Command::Message => return Ok(Some(f)),
+                Some(_) => continue,
+                None => return Ok(None),
             }
         }
+    }
+
+    /// The next MESSAGE, or None after `timeout` (panics if the connection
+    /// fails).
+    pub fn next(&mut self, timeout: Duration) -> Option<Frame> {
+        self.try_next(timeout)
+            .unwrap_or_else(|e| panic!("subscriber: {e}"))
     }
 
     /// Exactly `n` messages (panics if fewer arrive within `timeout`).
