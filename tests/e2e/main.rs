@@ -13,8 +13,11 @@ use std::sync::OnceLock;
 
 use outbox_pg_e2e::Cluster;
 
-/// One cluster shared by the tests that only need the SQL API.
+/// One cluster shared by the tests that only need the SQL API. Its
+/// publisher has no broker to reach, so rows stay as they were written.
 pub fn shared() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    outbox_pg_e2e::shared_cluster(&CLUSTER, || Cluster::start(&[]))
+    outbox_pg_e2e::shared_cluster(&CLUSTER, || {
+        Cluster::start(&["outbox.stomp_hosts = '127.0.0.1:1'"])
+    })
 }
