@@ -478,3 +478,43 @@ fn the_worker_carries_on_through_session_limits_a_recreated_extension_and_reload
         "stomp_* changes reconnect"
     );
 }
+
+#[test]
+fn an_error_inside_the_workers_transaction_is_logged_and_the_worker_carries_on() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let d = format!("/topic/{}", unique("diskfull"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = cl.client();
+    // Marking rows published fails as a full disk would (SQLSTATE 53100).
+    c.batch_execute(
+        "CREATE FUNCTION outbox_disk_full() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = '53100'; END $$;
+         CREATE TRIGGER disk_full BEFORE UPDATE ON outbox.published FOR EACH ROW EXECUTE FUNCTION outbox_disk_full();",
+    )
+    .unwrap();
+    c.execute(
+        "SELECT outbox.publish($1, to_jsonb(i)) FROM generate_series(1, 5) i",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("the error in the log", Duration::from_secs(10), || {
+        cl.log().contains("No space left on device").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        status_counts(&mut c, &d),
+        (5, 0, 0),
+        "nothing is marked while it fails"
+    );
+    // The disk has room again: the restarted worker finishes the job.
+    c.batch_execute("DROP TRIGGER disk_full ON outbox.published")
+        .unwrap();
+    wait_published(&mut c, &d, 5, Duration::from_secs(15));
+    let mut seen = std::collections::HashSet::new();
+    while let Some(m) = sub.next(Duration::from_millis(500)) {
+        seen.insert(m.body_text());
+    }
+    assert_eq!(seen.len(), 5, "every message arrived (at least once)");
+    assert!(c.query_one("SELECT 1", &[]).is_ok(), "the server stayed up");
+}
