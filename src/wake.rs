@@ -57,7 +57,7 @@ pub struct Slot {
     pub started_at: i64,
     pub error_at: i64,
     pub error_len: u16,
-    pub error: [u8; 256],
+    pub error: [u8; 512],
 }
 
 /// What a worker is doing, as `outbox.stats()` reports it.
@@ -104,7 +104,7 @@ impl Slot {
         started_at: 0,
         error_at: 0,
         error_len: 0,
-        error: [0; 256],
+        error: [0; 512],
     };
 
     pub fn name(&self) -> &str {

@@ -268,9 +268,9 @@ impl Consumer {
             |c| subscribe(c, sub),
             |host, e| match e {
                 StompError::Broker { message, .. } if message.contains("precondition") => format!(
-                    "the broker refused to subscribe to {} (queue {}): {e}; the queue exists with other \
-                     arguments (outbox.stomp_queue_headers, dead-letter headers)",
-                    sub.destination, sub.queue
+                    "queue {} exists with other arguments than outbox.stomp_queue_headers and the \
+                     dead-letter headers, so the broker refused to subscribe to {}: {e}",
+                    sub.queue, sub.destination
                 ),
                 _ => format!("could not subscribe at {host}: {e}"),
             },

@@ -656,11 +656,21 @@ fn a_queue_with_other_arguments_is_reported_clearly() {
         &[&name, &format!("/queue/{q}"), &q],
     )
     .unwrap();
-    let line = format!("outbox consumer \"{name}\": the broker refused to subscribe");
+    let line = format!("outbox consumer \"{name}\": queue {q} exists with other arguments");
     wait_for(&line, Duration::from_secs(10), || {
         cl.log().contains(&line).then_some(())
     });
-    assert!(cl.log().contains("the queue exists with other arguments"));
+    assert!(cl.log().contains("so the broker refused to subscribe"));
+    let (state, error): (String, String) = wait_for("the status", Duration::from_secs(5), || {
+        c.query_opt(
+            "SELECT state, last_error FROM outbox.status WHERE name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+    });
+    assert_eq!(state, "backing off");
+    assert!(error.contains("other arguments"), "{error}");
     c.execute("SELECT outbox.unsubscribe($1)", &[&name])
         .unwrap();
 }
