@@ -42,6 +42,15 @@ for _ in $(seq 1 100); do grep -q subscribed "$DIR/received.txt" 2>/dev/null && 
 psql() { "$BIN/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
 psql -e <<'SQL'
 CREATE EXTENSION outbox_pg;
+-- The inbox: a SQL callback called once per message id.
+CREATE TABLE shipments (order_id int, status text, message_id text);
+CREATE FUNCTION ship(m outbox.message) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO shipments VALUES ((m.body->>'id')::int, m.body->>'status', m.message_id) $$;
+SELECT outbox.subscribe('shipping', '/topic/demo.orders', 'ship(outbox.message)');
+SQL
+# The consumer worker subscribes within a second.
+for _ in $(seq 1 50); do grep -q 'consumer "shipping": subscribed' "$DIR/server.log" && break; sleep 0.2; done
+psql -e <<'SQL'
 CREATE TABLE orders (id serial PRIMARY KEY, status text NOT NULL, total numeric(10,2));
 CREATE TRIGGER orders_outbox AFTER INSERT OR UPDATE ON orders
     FOR EACH ROW EXECUTE FUNCTION outbox.publish('/topic/demo.orders', 'fields=status,total');
@@ -55,5 +64,10 @@ sleep 0.5
 echo "== the outbox after commit"
 psql -c "SELECT id, destination, body, status, published_at IS NOT NULL AS confirmed FROM outbox.published ORDER BY id"
 wait "$tail_pid"
-echo "== what the STOMP subscriber received"
+echo "== what a plain STOMP subscriber received"
 cat "$DIR/received.txt"
+echo "== what the inbox's callback did (subscription 'shipping')"
+psql -c "SELECT * FROM shipments" \
+     -c "SELECT message_id, subscription, status, attempts FROM outbox.received ORDER BY id" \
+     -c "SELECT worker, name, state, host, messages FROM outbox.status"
+psql -c "SELECT outbox.unsubscribe('shipping')" >/dev/null
