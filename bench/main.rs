@@ -93,6 +93,7 @@ const NOTES: &str = "How each figure is taken:\n\
 outbox trigger (`INSERT INTO outbox.published ... to_jsonb(NEW)` with the same generated headers), once with \
 `outbox.publish('/topic/x')`; in one transaction (a server-side loop, so only the server's work counts) and in \
 autocommit (one client round trip per row). The publisher points at a closed port meanwhile, so delivery takes no CPU.\n\
+- drain and consume are the best of three alternating runs of each side.\n\
 - drain: a backlog written while the publisher could not connect, then drained after a reload; the raw baseline \
 sends the same frames (same headers and bodies) with the project's STOMP client, pipelined in batches of \
 `outbox.batch_size` with one receipt per frame, no database.\n\
@@ -355,11 +356,17 @@ fn drain(sizes: &Sizes, rows: &mut Vec<Row>) {
     let mut c = cl.client();
     let n = sizes.drain;
     // Queues hold what is sent, as a real consumer's queue would.
-    let (q1, q2) = (unique("bench_drain"), unique("bench_raw"));
-    let raw = raw_send(n, 500, &format!("/queue/{q2}"));
-    let ours = timed_drain(&cl, &mut c, n, &format!("/queue/{q1}"));
-    purge(&q1);
-    purge(&q2);
+    // Best of three, alternating, for both: two cores are shared with the
+    // broker, and single runs vary by a third.
+    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        let (q1, q2) = (unique("bench_drain"), unique("bench_raw"));
+        raw = raw.min(raw_send(n, 500, &format!("/queue/{q2}")));
+        ours = ours.min(timed_drain(&cl, &mut c, n, &format!("/queue/{q1}")));
+        c.batch_execute("TRUNCATE outbox.published").unwrap();
+        purge(&q1);
+        purge(&q2);
+    }
     let r = rate(n, ours) / rate(n, raw);
     rows.push(Row {
         figure: format!("drain, {n}-row backlog → broker"),
@@ -433,72 +440,48 @@ fn latency(sizes: &Sizes, rows: &mut Vec<Row>) {
     });
 }
 
-fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {
-    let n = sizes.consume;
-    let prefetch = 100;
-    // Raw: a queue filled with n messages, consumed with per-message ACKs.
+/// A raw STOMP consumer: `n` messages queued, consumed with per-message
+/// ACKs at `prefetch`.
+fn raw_consume(n: i32, prefetch: u32) -> Duration {
     let raw_q = unique("bench_consume_raw");
     raw_send(n, 500, &format!("/queue/{raw_q}"));
-    let raw = {
-        let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
-        let sub = Frame::new(Command::Subscribe)
-            .header("id", "0")
-            .header("destination", format!("/queue/{raw_q}"))
-            .header("ack", "client-individual")
-            .header("prefetch-count", prefetch.to_string());
-        let t = Instant::now();
-        conn.queue(&sub).unwrap();
-        conn.flush().unwrap();
-        let mut got = 0;
-        while got < n {
-            let f = conn
-                .read_frame(Duration::from_secs(30))
-                .unwrap()
-                .expect("a message");
-            if f.command == Command::Message {
-                got += 1;
-                conn.queue(
-                    &Frame::new(Command::Ack).header("id", f.get("ack").unwrap_or_default()),
-                )
+    let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
+    let sub = Frame::new(Command::Subscribe)
+        .header("id", "0")
+        .header("destination", format!("/queue/{raw_q}"))
+        .header("ack", "client-individual")
+        .header("prefetch-count", prefetch.to_string());
+    let t = Instant::now();
+    conn.queue(&sub).unwrap();
+    conn.flush().unwrap();
+    let mut got = 0;
+    while got < n {
+        let f = conn
+            .read_frame(Duration::from_secs(30))
+            .unwrap()
+            .expect("a message");
+        if f.command == Command::Message {
+            got += 1;
+            conn.queue(&Frame::new(Command::Ack).header("id", f.get("ack").unwrap_or_default()))
                 .unwrap();
-                if got % 64 == 0 || got == n {
-                    conn.flush().unwrap();
-                }
+            if got % 64 == 0 || got == n {
+                conn.flush().unwrap();
             }
         }
-        t.elapsed()
-    };
+    }
+    let d = t.elapsed();
     purge(&raw_q);
+    d
+}
 
-    // outbox_pg: the same number queued on the subscription's queue first.
-    let cl = Cluster::start(&[
-        r#"outbox.stomp_queue_headers = '{"durable":"true","auto-delete":"false","prefetch-count":"100"}'"#,
-    ]);
-    let mut c = cl.client();
-    let (d, q) = {
-        let q = unique("bench_consume");
-        (format!("/topic/{q}"), q)
-    };
-    c.batch_execute(
-        "CREATE TABLE sink (id text, body jsonb);
-         CREATE FUNCTION sink_it(m outbox.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO sink VALUES (m.message_id, m.body) $$;",
-    )
-    .unwrap();
-    c.execute(
-        "SELECT outbox.subscribe('bench', $1, 'sink_it(outbox.message)')",
-        &[&d],
-    )
-    .unwrap();
-    wait_for("the subscription", Duration::from_secs(10), || {
-        cl.log()
-            .contains("outbox consumer \"bench\": subscribed")
-            .then_some(())
-    });
+/// outbox_pg: `n` messages queued on the subscription's queue while it is
+/// unsubscribed, then the time from subscribe to the last callback.
+fn ours_consume(c: &mut Client, n: i32, d: &str) -> Duration {
     c.execute("SELECT outbox.unsubscribe('bench')", &[])
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
     c.batch_execute(&format!(
-        "SELECT outbox.publish('{d}', jsonb_build_object('n', i)) FROM generate_series(1, {n}) i"
+        "TRUNCATE sink; SELECT outbox.publish('{d}', jsonb_build_object('n', i)) FROM generate_series(1, {n}) i"
     ))
     .unwrap();
     wait_for("the backlog queued", Duration::from_secs(600), || {
@@ -524,7 +507,40 @@ fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {
             .get(0);
         (got >= i64::from(n)).then_some(())
     });
-    let ours = t.elapsed();
+    t.elapsed()
+}
+
+fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let n = sizes.consume;
+    let prefetch = 100;
+    let cl = Cluster::start(&[
+        r#"outbox.stomp_queue_headers = '{"durable":"true","auto-delete":"false","prefetch-count":"100"}'"#,
+    ]);
+    let mut c = cl.client();
+    let q = unique("bench_consume");
+    let d = format!("/topic/{q}");
+    c.batch_execute(
+        "CREATE TABLE sink (id text, body jsonb);
+         CREATE FUNCTION sink_it(m outbox.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO sink VALUES (m.message_id, m.body) $$;",
+    )
+    .unwrap();
+    // Subscribing once creates the queue that later rounds fill.
+    c.execute(
+        "SELECT outbox.subscribe('bench', $1, 'sink_it(outbox.message)')",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("the subscription", Duration::from_secs(10), || {
+        cl.log()
+            .contains("outbox consumer \"bench\": subscribed")
+            .then_some(())
+    });
+    // Best of three, alternating (see drain).
+    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        raw = raw.min(raw_consume(n, prefetch));
+        ours = ours.min(ours_consume(&mut c, n, &d));
+    }
     c.execute("SELECT outbox.unsubscribe('bench')", &[])
         .unwrap();
     purge(&q);
