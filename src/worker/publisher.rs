@@ -102,6 +102,8 @@ struct Publisher {
     last_query: Option<Instant>,
     next_due: Option<Instant>,
     idle: bool,
+    /// outbox.published exists (see step).
+    ready: bool,
     supervisor: super::supervisor::Supervisor,
     /// When the supervisor last checked every subscription.
     supervised_at: Option<Instant>,
@@ -116,6 +118,7 @@ impl Publisher {
             last_query: None,
             next_due: None,
             idle: false,
+            ready: false,
             supervisor: Default::default(),
             supervised_at: None,
         }
@@ -137,9 +140,15 @@ impl Publisher {
         if self.idle && !self.should_look(poll) {
             return self.idle_wait(poll);
         }
-        if !extension_ready() {
-            self.idle = false;
-            return poll;
+        // Checked until found: once the table exists, a dropped extension
+        // shows as an error in the batch, and the restarted worker checks
+        // again. (No query per wake-up: commits wake the worker often.)
+        if !self.ready {
+            if !extension_ready() {
+                self.idle = false;
+                return poll;
+            }
+            self.ready = true;
         }
         // Consumers: at start, when subscriptions changed, and now and then
         // (a consumer that could not start is tried again).
