@@ -22,8 +22,6 @@ pub struct Shared {
     pub commits: AtomicU64,
     /// Commits the publisher has already looked at.
     pub commits_seen: AtomicU64,
-    /// Messages the publisher delivered (receipted), since start.
-    pub sent: AtomicU64,
     /// Bumped at the commit of every transaction that changed subscriptions.
     pub subscriptions: AtomicU64,
     /// When the worker last ran retention (ms since the epoch).

@@ -278,7 +278,6 @@ impl Publisher {
             _ => 0,
         };
         let sent = verdict.published.len() as u64;
-        wake::SHARED.get().sent.fetch_add(sent, Ordering::Relaxed);
         wake::Reporter::Publisher.count(sent);
         if let Some((id, why)) = verdict.refused.last() {
             wake::Reporter::Publisher.error(&format!("message {id}: {why}"));
