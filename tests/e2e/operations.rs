@@ -38,8 +38,11 @@ fn stats_show_workers_and_backlog_and_retry_failed_reschedules() {
     )
     .unwrap();
     sub.take(25, Duration::from_secs(10));
+    // The counts come from a snapshot, the worker's figures from shared
+    // memory a moment later: wait until both show the delivery.
     let row = wait_for("the publisher's count", Duration::from_secs(5), || {
-        worker_row(&mut c, "publisher").filter(|r| r.get::<_, i64>(2) >= 25)
+        worker_row(&mut c, "publisher")
+            .filter(|r| r.get::<_, i64>(2) >= 25 && r.get::<_, i64>(5) == 0)
     });
     assert_eq!(row.get::<_, String>(0), "connected");
     assert_eq!(row.get::<_, String>(1), broker::STOMP);
