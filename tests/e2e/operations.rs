@@ -55,7 +55,8 @@ fn stats_show_workers_and_backlog_and_retry_failed_reschedules() {
     c.execute("SELECT outbox.publish($1, '1')", &[&poison])
         .unwrap();
     let row = wait_for("a failed row", Duration::from_secs(15), || {
-        worker_row(&mut c, "publisher").filter(|r| r.get::<_, i64>(6) == 1)
+        worker_row(&mut c, "publisher")
+            .filter(|r| r.get::<_, i64>(6) == 1 && r.get::<_, Option<String>>(3).is_some())
     });
     assert!(
         row.get::<_, Option<String>>(3)
