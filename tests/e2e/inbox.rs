@@ -175,12 +175,17 @@ fn the_same_message_id_takes_effect_once_even_concurrently() {
             (h, r#"{"dup": 1}"#),
         ],
     );
+    let count = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM effects WHERE message_id = $1", &[&id])
+            .unwrap()
+            .get(0)
+    };
+    wait_for("the first effect", Duration::from_secs(10), || {
+        (count(&mut c) >= 1).then_some(())
+    });
+    // Give the other four copies time to arrive and be handled.
     std::thread::sleep(Duration::from_secs(2));
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM effects WHERE message_id = $1", &[&id])
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 1, "five deliveries of one id, one effect");
+    assert_eq!(count(&mut c), 1, "five deliveries of one id, one effect");
     let (status, attempts): (String, i32) = c
         .query_one(
             "SELECT status::text, attempts FROM outbox.received WHERE message_id = $1",
