@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_pg_e2e::broker::{self, Subscriber};
-use outbox_pg_e2e::{Cluster, rss_kb, unique, wait_for};
+use outbox_pg_e2e::{Cluster, rss_kb, unique, wait_drained, wait_for};
 
 fn main() {
     let seconds: u64 = std::env::args()
@@ -213,16 +213,7 @@ fn main() {
     );
 
     let mut c = cl.client();
-    wait_for("the outbox to drain", Duration::from_secs(600), || {
-        let left: i64 = c
-            .query_one(
-                "SELECT count(*) FROM outbox.published WHERE status = 'scheduled'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (left == 0).then_some(())
-    });
+    wait_drained(&mut c, Duration::from_secs(600));
     let received = wait_for("the inbox to catch up", Duration::from_secs(600), || {
         let ids: HashSet<String> = c
             .query(

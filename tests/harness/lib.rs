@@ -45,6 +45,20 @@ pub fn shared_cluster(
     })
 }
 
+/// Waits until the outbox has no scheduled row left.
+pub fn wait_drained(c: &mut postgres::Client, timeout: Duration) {
+    wait_for("the outbox to drain", timeout, || {
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM outbox.published WHERE status = 'scheduled'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    });
+}
+
 /// Private resident memory of a process (RssAnon: not the shared buffers
 /// it touched), in kB (0 if it is gone).
 pub fn rss_kb(pid: i32) -> u64 {
