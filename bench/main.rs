@@ -8,7 +8,8 @@
 //! two. The raw STOMP baselines use the project's own client (src/stomp),
 //! the same frames, the same batch size and prefetch.
 //!
-//! Usage: outbox-bench [--quick] [--write docs/BENCHMARKS.md]
+//! Usage: outbox-bench [--quick] [--only write,drain,latency,consume,backlog]
+//!                     [--write docs/BENCHMARKS.md]
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -64,13 +65,28 @@ fn main() {
             backlog_big: 1_000_000,
         }
     };
+    // `--only drain,consume`: some figures (while working on them).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|x| x == name));
     broker::wait_until_up();
     let mut rows = Vec::new();
-    write_path(&sizes, &mut rows);
-    drain(&sizes, &mut rows);
-    latency(&sizes, &mut rows);
-    consume(&sizes, &mut rows);
-    backlog(&sizes, &mut rows);
+    type Figure = fn(&Sizes, &mut Vec<Row>);
+    let figures: [(&str, Figure); 5] = [
+        ("write", write_path),
+        ("drain", drain),
+        ("latency", latency),
+        ("consume", consume),
+        ("backlog", backlog),
+    ];
+    for (name, figure) in figures {
+        if wanted(name) {
+            figure(&sizes, &mut rows);
+        }
+    }
 
     let table = render(&rows);
     println!("{table}");
@@ -98,8 +114,9 @@ autocommit (one client round trip per row). The publisher points at a closed por
 sends the same frames (same headers and bodies) with the project's STOMP client, pipelined in batches of \
 `outbox.batch_size` with one receipt per frame, no database.\n\
 - latency: commit of `outbox.publish()` to a subscriber receiving it, one message at a time.\n\
-- consume: messages already queued, to a SQL callback that inserts a row; the raw baseline consumes the same \
-number from a queue with the same prefetch and one ACK per message.\n\
+- consume: messages already queued, to a SQL callback that inserts a row, timed from the first callback's effect \
+to the last (the worker's start is not counted, as the raw consumer connects before its clock starts); the raw \
+baseline consumes the same number from a queue with the same prefetch and one ACK per message.\n\
 - idle CPU: the publisher's user+system CPU time over 10 s with nothing to do.\n\
 - backlog: drain rate of a large backlog against a small one, and the publisher's RSS before and after.";
 
@@ -458,7 +475,9 @@ fn raw_consume(n: i32, prefetch: u32) -> Duration {
 }
 
 /// outbox_pg: `n` messages queued on the subscription's queue while it is
-/// unsubscribed, then the time from subscribe to the last callback.
+/// unsubscribed, then subscribed again; the clock runs from the first
+/// callback's effect to the last (the raw consumer, too, is connected
+/// before its clock starts), and the time is scaled to all `n`.
 fn ours_consume(c: &mut Client, n: i32, d: &str) -> Duration {
     c.execute("SELECT outbox.unsubscribe('bench')", &[])
         .unwrap();
@@ -468,20 +487,30 @@ fn ours_consume(c: &mut Client, n: i32, d: &str) -> Duration {
     ))
     .unwrap();
     wait_drained(c, Duration::from_secs(600));
-    let t = Instant::now();
+    let mut count = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM sink", &[])
+            .unwrap()
+            .get(0)
+    };
     c.execute(
         "SELECT outbox.subscribe('bench', $1, 'sink_it(outbox.message)')",
         &[&d],
     )
     .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let got = count(c);
+        if got > 0 {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "the consumer did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let t = Instant::now();
     wait_for("the callbacks", Duration::from_secs(1200), || {
-        let got: i64 = c
-            .query_one("SELECT count(*) FROM sink", &[])
-            .unwrap()
-            .get(0);
-        (got >= i64::from(n)).then_some(())
+        (count(c) >= i64::from(n)).then_some(())
     });
-    t.elapsed()
+    t.elapsed().mul_f64(f64::from(n) / (i64::from(n) - first).max(1) as f64)
 }
 
 fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {

@@ -31,6 +31,9 @@ use crate::wake::{self, SLOTS};
 /// Longest sleep between two looks at the subscription and the signals.
 const TICK: Duration = Duration::from_millis(500);
 
+/// Most messages handled in one transaction (the default prefetch).
+const BATCH: usize = 100;
+
 /// One row of `outbox.subscriptions`, as this worker uses it.
 #[derive(PartialEq)]
 struct Subscription {
@@ -288,37 +291,54 @@ impl Consumer {
         }
     }
 
-    /// Handles every message already received; ACKs/NACKs go out together.
+    /// Handles every message already received, a *batch* at a time: the
+    /// messages the socket holds (up to BATCH) share one transaction, each
+    /// in its own subtransaction, so a busy queue costs one commit per
+    /// batch, not per message; ACKs/NACKs go out after the commit.
     fn pump(&mut self) -> Result<(), StompError> {
+        let mut pending = std::collections::VecDeque::new();
         let mut handled = 0u64;
-        while let Some(frame) = self
-            .link
-            .conn
-            .as_mut()
-            .expect("connected")
-            .read_frame(Duration::ZERO)?
-        {
-            if frame.command != Command::Message {
-                continue;
-            }
-            let verdict = self.handle(&frame);
-            let ack = frame
-                .get("ack")
-                .or(frame.get("message-id"))
-                .unwrap_or_default()
-                .to_string();
-            let reply = match verdict {
-                Verdict::Ack => Frame::new(Command::Ack).header("id", ack),
-                Verdict::Retry | Verdict::Leave => continue,
-                Verdict::DeadLetter => Frame::new(Command::Nack)
-                    .header("id", ack)
-                    .header("requeue", "false"),
-            };
+        loop {
             let conn = self.link.conn.as_mut().expect("connected");
-            conn.queue(&reply)?;
-            handled += 1;
-            if handled.is_multiple_of(64) {
-                conn.flush()?;
+            while pending.len() < BATCH {
+                match conn.read_frame(Duration::ZERO)? {
+                    Some(f) if f.command == Command::Message => pending.push_back(f),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let mut verdicts = self.batch(pending.make_contiguous());
+            // A batch stops at a message whose callback failed with attempts
+            // left: retry it now, before anything later, to keep the order.
+            if let Some(Verdict::Retry) = verdicts.last() {
+                let m = &pending[verdicts.len() - 1];
+                *verdicts.last_mut().expect("not empty") = self.handle(m);
+            }
+            let leave = matches!(verdicts.last(), Some(Verdict::Leave));
+            for verdict in verdicts {
+                let m = pending.pop_front().expect("a verdict per message");
+                let ack = m
+                    .get("ack")
+                    .or(m.get("message-id"))
+                    .unwrap_or_default()
+                    .to_string();
+                let reply = match verdict {
+                    Verdict::Ack => Frame::new(Command::Ack).header("id", ack),
+                    Verdict::Retry | Verdict::Leave => continue,
+                    Verdict::DeadLetter => Frame::new(Command::Nack)
+                        .header("id", ack)
+                        .header("requeue", "false"),
+                };
+                self.link.conn.as_mut().expect("connected").queue(&reply)?;
+                handled += 1;
+            }
+            self.link.conn.as_mut().expect("connected").flush()?;
+            if leave {
+                // Terminating: the rest is delivered again after we leave.
+                break;
             }
         }
         self.report.count(handled);
@@ -361,81 +381,155 @@ impl Consumer {
     /// every NACKed message to the dead-letter queue at once).
     fn handle(&mut self, m: &Frame) -> Verdict {
         loop {
-            match self.attempt(m) {
-                Verdict::Retry if BackgroundWorker::sigterm_received() => return Verdict::Leave,
+            if BackgroundWorker::sigterm_received() {
+                return Verdict::Leave;
+            }
+            let p = Prepared::new(m);
+            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(&p))) {
                 Verdict::Retry => continue,
                 v => return v,
             }
         }
     }
 
-    /// One attempt, one transaction: record, call, commit.
-    fn attempt(&mut self, m: &Frame) -> Verdict {
-        let id = message_id(m);
-        let destination = m.get("destination").unwrap_or_default().to_string();
-        let headers = headers_json(m);
-        let redelivered = m.get("redelivered") == Some("true");
-        // Valid JSON that jsonb also accepts (jsonb has no \u0000): a body
-        // Postgres would refuse must not make the worker fail over and over.
-        let body = std::str::from_utf8(&m.body).ok().filter(|b| {
-            !b.contains("\\u0000") && serde_json::from_str::<serde_json::Value>(b).is_ok()
-        });
-        let max = guc::MAXIMUM_RETRY_ATTEMPTS.get();
-        let sub = &self.sub;
-        let (finfo, message_type) = (self.finfo, self.message_type);
-        let verdict = BackgroundWorker::transaction(AssertUnwindSafe(|| {
-            let Some(body) = body else {
-                record_malformed(&id, sub, &destination, &headers);
-                return Verdict::DeadLetter;
-            };
-            // Parsed once, used by the record and by the callback.
-            let (headers, body) = (jsonb(&headers), jsonb(body));
-            let Some(attempts) = record(&id, sub, &destination, headers, body) else {
-                return Verdict::Ack; // consumed or discarded before: the effect happened once
-            };
-            let outcome = unsafe {
-                call_in_subtransaction(
-                    || {
-                        call(
-                            finfo,
-                            sub,
-                            message_type,
-                            &id,
-                            &destination,
-                            headers,
-                            body,
-                            redelivered,
-                        )
-                    },
-                    // A callback that returns false discards the message:
-                    // nothing it wrote persists.
-                    |r| *r != Some(false),
-                )
-            };
-            match outcome {
-                Ok(Some(false)) => {
-                    finish(&id, "discarded", None);
-                    Verdict::DeadLetter
-                }
-                Ok(_) => Verdict::Ack,
-                Err(why) => {
-                    finish(&id, "failed", Some(&why));
-                    if attempts >= max {
-                        Verdict::DeadLetter
-                    } else {
-                        Verdict::Retry
+    /// Attempts the messages in order in one transaction, stopping after
+    /// the first that asks for a retry; one verdict per message attempted.
+    /// Should the batch itself fail (a deadlock with another consumer
+    /// recording the same ids in another order, say), its work is rolled
+    /// back and the messages are handled one transaction each.
+    fn batch(&mut self, messages: &[Frame]) -> Vec<Verdict> {
+        let prepared: Vec<Prepared> = messages.iter().map(Prepared::new).collect();
+        let tried = BackgroundWorker::transaction(AssertUnwindSafe(|| unsafe {
+            call_in_subtransaction(
+                || {
+                    let mut verdicts = Vec::with_capacity(prepared.len());
+                    for p in &prepared {
+                        let v = self.attempt(p);
+                        let stop = matches!(v, Verdict::Retry);
+                        verdicts.push(v);
+                        if stop {
+                            break;
+                        }
+                    }
+                    verdicts
+                },
+                |_| true,
+            )
+        }));
+        match tried {
+            Ok(verdicts) => verdicts,
+            Err(why) => {
+                log!(
+                    "outbox consumer \"{}\": a batch of {} messages failed ({why}); handling them one by one",
+                    self.sub.name,
+                    messages.len()
+                );
+                let mut verdicts = Vec::with_capacity(messages.len());
+                for m in messages {
+                    let v = self.handle(m);
+                    let stop = matches!(v, Verdict::Leave);
+                    verdicts.push(v);
+                    if stop {
+                        break;
                     }
                 }
+                verdicts
             }
-        }));
+        }
+    }
+
+    /// One attempt inside the caller's transaction: record, call (in a
+    /// subtransaction), and the outcome recorded.
+    fn attempt(&self, p: &Prepared) -> Verdict {
+        let sub = &self.sub;
+        let Prepared {
+            id,
+            destination,
+            headers,
+            body,
+            redelivered,
+        } = p;
+        let Some(body) = body else {
+            record_malformed(id, sub, destination, headers);
+            return Verdict::DeadLetter;
+        };
+        // Parsed once, used by the record and by the callback.
+        let (headers, body) = (jsonb(headers), jsonb(body));
+        let Some(attempts) = record(id, sub, destination, headers, body) else {
+            return Verdict::Ack; // consumed or discarded before: the effect happened once
+        };
+        let outcome = unsafe {
+            call_in_subtransaction(
+                || {
+                    call(
+                        self.finfo,
+                        sub,
+                        self.message_type,
+                        id,
+                        destination,
+                        headers,
+                        body,
+                        *redelivered,
+                    )
+                },
+                // A callback that returns false discards the message:
+                // nothing it wrote persists.
+                |r| *r != Some(false),
+            )
+        };
+        let verdict = match outcome {
+            Ok(Some(false)) => {
+                finish(id, "discarded", None);
+                Verdict::DeadLetter
+            }
+            Ok(_) => Verdict::Ack,
+            Err(why) => {
+                finish(id, "failed", Some(&why));
+                if attempts >= guc::MAXIMUM_RETRY_ATTEMPTS.get() {
+                    Verdict::DeadLetter
+                } else {
+                    Verdict::Retry
+                }
+            }
+        };
         if let Verdict::DeadLetter = verdict {
             debug1!(
                 "outbox consumer \"{}\": message {id} sent to DLQ.{}",
-                self.sub.name,
-                self.sub.queue
+                sub.name,
+                sub.queue
             );
         }
         verdict
+    }
+}
+
+/// A MESSAGE's parts as the inbox stores them.
+struct Prepared {
+    id: String,
+    destination: String,
+    headers: String,
+    /// None: not JSON that jsonb accepts (the message is dead-lettered).
+    body: Option<String>,
+    redelivered: bool,
+}
+
+impl Prepared {
+    fn new(m: &Frame) -> Prepared {
+        // Valid JSON that jsonb also accepts (jsonb has no \u0000): a body
+        // Postgres would refuse must not make the worker fail over and over.
+        let body = std::str::from_utf8(&m.body)
+            .ok()
+            .filter(|b| {
+                !b.contains("\\u0000") && serde_json::from_str::<serde::de::IgnoredAny>(b).is_ok()
+            })
+            .map(str::to_string);
+        Prepared {
+            id: message_id(m),
+            destination: m.get("destination").unwrap_or_default().to_string(),
+            headers: headers_json(m),
+            body,
+            redelivered: m.get("redelivered") == Some("true"),
+        }
     }
 }
 
