@@ -71,7 +71,10 @@ fn main() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|x| x == name));
+    let wanted = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|x| x == name))
+    };
     broker::wait_until_up();
     let mut rows = Vec::new();
     type Figure = fn(&Sizes, &mut Vec<Row>);
@@ -510,7 +513,8 @@ fn ours_consume(c: &mut Client, n: i32, d: &str) -> Duration {
     wait_for("the callbacks", Duration::from_secs(1200), || {
         (count(c) >= i64::from(n)).then_some(())
     });
-    t.elapsed().mul_f64(f64::from(n) / (i64::from(n) - first).max(1) as f64)
+    t.elapsed()
+        .mul_f64(f64::from(n) / (i64::from(n) - first).max(1) as f64)
 }
 
 fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {

@@ -4,14 +4,16 @@
 //! Vocabulary: the worker *claims* its slot (see supervisor.rs), SUBSCRIBEs
 //! as django-outbox-pattern does (client-individual acks, `x-queue-name`,
 //! the queue headers, a dead-letter queue `DLQ.<queue>` declared first),
-//! and handles each MESSAGE in one transaction: *record* the message id in
-//! `outbox.received` (the unique index decides, so a duplicate — even one
-//! arriving at the same moment — is seen inside the transaction), *call*
-//! the callback in a subtransaction as the subscription's owner, commit,
-//! then ACK. A callback that raises is rolled back and *retried* (at once,
-//! each attempt its own transaction) until `outbox.maximum_retry_attempts`, then *dead-lettered*
-//! (NACK `requeue:false` → `DLQ.<queue>`); one that returns false is
-//! *discarded* (its work rolled back, dead-lettered).
+//! and handles each MESSAGE inside one transaction: *record* the message id
+//! in `outbox.received` (the unique index decides, so a duplicate — even
+//! one arriving at the same moment — is seen inside the transaction),
+//! *call* the callback as the subscription's owner, commit, then ACK. The
+//! messages already received share that transaction (a *batch*, see
+//! `Consumer::batch`), so a busy queue costs one commit per batch. A
+//! callback that raises is rolled back and *retried* (at once, each attempt
+//! its own transaction) until `outbox.maximum_retry_attempts`, then
+//! *dead-lettered* (NACK `requeue:false` → `DLQ.<queue>`); one that returns
+//! false is *discarded* (its work rolled back, dead-lettered).
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -385,7 +387,7 @@ impl Consumer {
                 return Verdict::Leave;
             }
             let p = Prepared::new(m);
-            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(&p))) {
+            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(&p, true))) {
                 Verdict::Retry => continue,
                 v => return v,
             }
@@ -394,27 +396,37 @@ impl Consumer {
 
     /// Attempts the messages in order in one transaction, stopping after
     /// the first that asks for a retry; one verdict per message attempted.
-    /// Should the batch itself fail (a deadlock with another consumer
-    /// recording the same ids in another order, say), its work is rolled
-    /// back and the messages are handled one transaction each.
+    ///
+    /// First *plainly*: every callback in one subtransaction, so a SQL
+    /// callback is planned once per batch, not once per message. Should a
+    /// callback raise or return false, that work is rolled back and the
+    /// batch is run again *carefully*: each callback in a subtransaction
+    /// of its own. Should even that fail (a deadlock with another consumer
+    /// recording the same ids in another order, say), the messages are
+    /// handled one transaction each.
     fn batch(&mut self, messages: &[Frame]) -> Vec<Verdict> {
         let prepared: Vec<Prepared> = messages.iter().map(Prepared::new).collect();
+        let run = |careful: bool| {
+            let mut verdicts = Vec::with_capacity(prepared.len());
+            for p in &prepared {
+                let v = self.attempt(p, careful);
+                let stop = !matches!(v, Verdict::Ack);
+                verdicts.push(v);
+                if stop && !careful {
+                    return None;
+                }
+                if matches!(verdicts.last(), Some(Verdict::Retry)) {
+                    break;
+                }
+            }
+            Some(verdicts)
+        };
         let tried = BackgroundWorker::transaction(AssertUnwindSafe(|| unsafe {
-            call_in_subtransaction(
-                || {
-                    let mut verdicts = Vec::with_capacity(prepared.len());
-                    for p in &prepared {
-                        let v = self.attempt(p);
-                        let stop = matches!(v, Verdict::Retry);
-                        verdicts.push(v);
-                        if stop {
-                            break;
-                        }
-                    }
-                    verdicts
-                },
-                |_| true,
-            )
+            match call_in_subtransaction(|| run(false), Option::is_some) {
+                Ok(Some(verdicts)) => Ok(verdicts),
+                _ => call_in_subtransaction(|| run(true), |_| true)
+                    .map(|v| v.expect("a careful run always finishes")),
+            }
         }));
         match tried {
             Ok(verdicts) => verdicts,
@@ -438,9 +450,12 @@ impl Consumer {
         }
     }
 
-    /// One attempt inside the caller's transaction: record, call (in a
-    /// subtransaction), and the outcome recorded.
-    fn attempt(&self, p: &Prepared) -> Verdict {
+    /// One attempt inside the caller's transaction: record, call, and the
+    /// outcome recorded. `careful`: the call in a subtransaction of its own
+    /// (else a raising callback aborts the caller's subtransaction, and
+    /// one returning false is reported as DeadLetter with nothing
+    /// recorded, for the caller to run again carefully).
+    fn attempt(&self, p: &Prepared, careful: bool) -> Verdict {
         let sub = &self.sub;
         let Prepared {
             id,
@@ -458,25 +473,27 @@ impl Consumer {
         let Some(attempts) = record(id, sub, destination, headers, body) else {
             return Verdict::Ack; // consumed or discarded before: the effect happened once
         };
-        let outcome = unsafe {
-            call_in_subtransaction(
-                || {
-                    call(
-                        self.finfo,
-                        sub,
-                        self.message_type,
-                        id,
-                        destination,
-                        headers,
-                        body,
-                        *redelivered,
-                    )
-                },
-                // A callback that returns false discards the message:
-                // nothing it wrote persists.
-                |r| *r != Some(false),
+        let call = || {
+            call(
+                self.finfo,
+                sub,
+                self.message_type,
+                id,
+                destination,
+                headers,
+                body,
+                *redelivered,
             )
         };
+        if !careful {
+            return match call() {
+                Some(false) => Verdict::DeadLetter,
+                _ => Verdict::Ack,
+            };
+        }
+        // A callback that returns false discards the message: nothing it
+        // wrote persists.
+        let outcome = unsafe { call_in_subtransaction(call, |r| *r != Some(false)) };
         let verdict = match outcome {
             Ok(Some(false)) => {
                 finish(id, "discarded", None);

@@ -354,6 +354,82 @@ fn failing_rejecting_and_malformed_messages_go_to_the_dead_letter_queue() {
         .unwrap();
 }
 
+/// Messages that wait in the queue arrive together and share a
+/// transaction: a raising and a rejecting callback among them must still
+/// get their own outcome, the others one effect each, in queue order.
+#[test]
+fn a_backlog_with_failing_and_rejected_messages_keeps_each_outcome_and_the_order() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS ordered (n bigserial, sub text, i int);
+         GRANT ALL ON ordered, ordered_n_seq TO PUBLIC;
+         CREATE OR REPLACE FUNCTION mixed(m outbox.message) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO ordered (sub, i) VALUES (m.headers->>'sub', (m.body->>'i')::int);
+                    IF m.body->>'kind' = 'fail' THEN RAISE EXCEPTION 'fails on purpose'; END IF;
+                    RETURN m.body->>'kind' <> 'reject'; END $$;",
+    )
+    .unwrap();
+    let (d, q) = topic("mixed");
+    let name = unique("mixed");
+    // Subscribe once so the queue exists, then leave while it fills.
+    subscribe(cl, &mut c, &name, &d, "mixed(outbox.message)");
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+    let mut dlq = Subscriber::with_headers(
+        &format!("/queue/DLQ.{q}"),
+        &[("durable", "true"), ("auto-delete", "false")],
+    );
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('i', i, 'kind',
+             CASE i % 10 WHEN 3 THEN 'fail' WHEN 7 THEN 'reject' ELSE 'ok' END),
+             jsonb_build_object('sub', $2::text))
+         FROM generate_series(1, 60) i",
+        &[&d, &name],
+    )
+    .unwrap();
+    outbox_pg_e2e::wait_drained(&mut c, Duration::from_secs(20));
+    subscribe(cl, &mut c, &name, &d, "mixed(outbox.message)");
+    let rows = wait_for("60 outcomes", Duration::from_secs(30), || {
+        let r = received(&mut c, &name);
+        (r.len() == 60 && r.iter().all(|x| x.1 != "failed" || x.2 == 3)).then_some(r)
+    });
+    let count = |status: &str, attempts: i32| {
+        rows.iter()
+            .filter(|r| r.1 == status && r.2 == attempts)
+            .count()
+    };
+    assert_eq!(count("consumed", 1), 48, "{rows:?}");
+    assert_eq!(count("discarded", 1), 6, "{rows:?}");
+    assert_eq!(count("failed", 3), 6, "{rows:?}");
+    // What persisted: the ok messages, once each, in order.
+    let kept: Vec<i32> = c
+        .query("SELECT i FROM ordered WHERE sub = $1 ORDER BY n", &[&name])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: Vec<i32> = (1..=60).filter(|i| i % 10 != 3 && i % 10 != 7).collect();
+    assert_eq!(kept, expected);
+    let mut dead: Vec<i64> = dlq
+        .take(12, Duration::from_secs(10))
+        .iter()
+        .map(|m| {
+            // jsonb text: {"i": 3, "kind": "fail"}
+            let b = m.body_text();
+            let digits = b["{\"i\": ".len()..].split(',').next().unwrap();
+            digits.parse().unwrap()
+        })
+        .collect();
+    dead.sort();
+    let expected: Vec<i64> = (1..=60).filter(|i| i % 10 == 3 || i % 10 == 7).collect();
+    assert_eq!(dead, expected);
+    assert!(dlq.next(Duration::from_millis(300)).is_none());
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
 #[test]
 fn unsubscribe_stops_within_a_second_and_resubscribe_picks_up_the_backlog() {
     let _b = broker::shared_broker();
