@@ -7,7 +7,7 @@
 //! starts at once instead of at the next `outbox.poll_interval`.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -22,6 +22,10 @@ pub struct Shared {
     pub commits: AtomicU64,
     /// Commits the publisher has already looked at.
     pub commits_seen: AtomicU64,
+    /// The publisher's latch was set and it has not looked since: later
+    /// commits need not set it again (a burst of commits costs one wake-up,
+    /// and none while the publisher is busy or backing off).
+    pub wake_pending: AtomicBool,
     /// Bumped at the commit of every transaction that changed subscriptions.
     pub subscriptions: AtomicU64,
     /// When the worker last ran retention (ms since the epoch).
@@ -287,8 +291,16 @@ pub fn arm() {
     }
 }
 
-/// The database the workers serve, when it is not the current one.
+/// The database the workers serve, when it is not the current one (asked
+/// once per backend: neither can change while it runs).
 fn serving_other_database() -> Option<String> {
+    thread_local! {
+        static ANSWER: std::cell::OnceCell<Option<String>> = const { std::cell::OnceCell::new() };
+    }
+    ANSWER.with(|a| a.get_or_init(look_up_serving_other_database).clone())
+}
+
+fn look_up_serving_other_database() -> Option<String> {
     let serving = crate::guc::text(&crate::guc::DATABASE);
     let here = unsafe {
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
@@ -306,15 +318,20 @@ fn serving_other_database() -> Option<String> {
 /// (the publisher's check before it looks at the table).
 pub fn take_commits() -> bool {
     let s = SHARED.get();
+    // Cleared before the look: a commit after this point sets the latch.
+    s.wake_pending.store(false, Ordering::Release);
     let now = s.commits.load(Ordering::Acquire);
     s.commits_seen.swap(now, Ordering::AcqRel) != now
 }
 
-/// Sets the publisher's latch, if a publisher runs.
+/// Counts a commit that published, and sets the publisher's latch unless
+/// a wake-up is pending already.
 pub fn wake_publisher() {
     let Some(shared) = shared() else { return };
     shared.commits.fetch_add(1, Ordering::AcqRel);
-    set_latch_of(shared.publisher_pid.load(Ordering::Acquire));
+    if !shared.wake_pending.swap(true, Ordering::AcqRel) {
+        set_latch_of(shared.publisher_pid.load(Ordering::Acquire));
+    }
 }
 
 fn set_latch_of(pid: i32) {
@@ -354,7 +371,9 @@ unsafe extern "C-unwind" fn at_xact_end(
             {
                 shared.subscriptions.fetch_add(1, Ordering::AcqRel);
                 wake_consumers();
-                wake_publisher();
+                // Always: the supervisor runs even while the publisher
+                // backs off from the broker.
+                set_latch_of(shared.publisher_pid.load(Ordering::Acquire));
             }
             if ARMED.with(|a| a.replace(false)) {
                 wake_publisher();

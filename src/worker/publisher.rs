@@ -233,6 +233,8 @@ impl Publisher {
         let conn = self.link.conn.as_mut().expect("connected");
         let mut isolate_upto = self.isolate_upto;
         let after = self.cursor;
+        // This look covers every commit so far; a later one wakes us again.
+        wake::take_commits();
 
         // AssertUnwindSafe: an error here ends the worker (it restarts), so
         // no broken state survives an unwind.
