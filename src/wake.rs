@@ -371,8 +371,9 @@ unsafe extern "C-unwind" fn at_xact_end(
             {
                 shared.subscriptions.fetch_add(1, Ordering::AcqRel);
                 wake_consumers();
-                // Always: the supervisor runs even while the publisher
-                // backs off from the broker.
+                // Always set: the supervisor must run even while a wake-up
+                // is pending (the publisher may be backing off).
+                shared.commits.fetch_add(1, Ordering::AcqRel);
                 set_latch_of(shared.publisher_pid.load(Ordering::Acquire));
             }
             if ARMED.with(|a| a.replace(false)) {
