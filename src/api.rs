@@ -94,7 +94,7 @@ unsafe fn send(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
     );
     let frame = crate::broker::send_frame(
         destination,
-        &stored,
+        &headers::to_json(&stored),
         &unsafe { fmgr::jsonb_text(body) },
         "send-1",
     );

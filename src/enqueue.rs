@@ -3,7 +3,6 @@
 //! Used by `outbox.publish(...)` (api.rs) and the trigger (trigger.rs).
 
 use std::cell::Cell;
-use std::ffi::CString;
 
 use pgrx::pg_sys;
 
@@ -76,7 +75,9 @@ thread_local! {
 /// Writes the message into `outbox.published` in the current transaction
 /// and returns its message id. The caller has validated destination and body.
 pub fn write(m: &Message) -> uuid::Uuid {
-    let id = uuid::Uuid::new_v4();
+    // Time-ordered (version 7): each new id lands at the right edge of the
+    // message_id index instead of on a random page of it.
+    let id = uuid::Uuid::now_v7();
     let id_text = id.to_string();
     let headers = headers::stored(
         m.user_headers,
@@ -86,15 +87,10 @@ pub fn write(m: &Message) -> uuid::Uuid {
             trigger: m.trigger,
         },
     );
-    let headers = CString::new(headers).expect("serde_json escapes NUL");
     unsafe {
         let uuid = pg_sys::palloc(16) as *mut u8;
         std::ptr::copy_nonoverlapping(id.as_bytes().as_ptr(), uuid, 16);
-        let headers_datum = pgrx::direct_function_call_as_datum(
-            pg_sys::jsonb_in,
-            &[Some(pg_sys::Datum::from(headers.as_ptr()))],
-        )
-        .expect("jsonb_in returns a value");
+        let headers_datum = crate::jsonb::object(&headers);
         let mut values = [
             pg_sys::Datum::from(uuid),
             text_datum(m.destination),

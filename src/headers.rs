@@ -2,6 +2,7 @@
 //! stored on every outbox row — `dop-*` (django-outbox-pattern's names),
 //! `content-type`, and `outbox-op`/`outbox-table` on trigger messages.
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -75,32 +76,47 @@ pub struct Generated<'a> {
     pub trigger: Option<(&'a str, &'a str)>,
 }
 
-/// The headers stored on the row, as JSON text: `content-type` (the user may
-/// override it), the user's headers, `dop-correlation-id` (the user's, else a
-/// new one), then the generated `dop-msg-*` and `outbox-*`, which win.
-pub fn stored(user: &[(String, String)], g: &Generated) -> String {
-    let mut map = Map::new();
-    map.insert("content-type".into(), CONTENT_TYPE.into());
-    for (k, v) in user {
-        map.insert(k.clone(), Value::String(v.clone()));
-    }
-    if !map.contains_key("dop-correlation-id") {
-        map.insert(
-            "dop-correlation-id".into(),
-            uuid::Uuid::new_v4().to_string().into(),
-        );
-    }
-    map.insert("dop-msg-id".into(), g.message_id.into());
-    map.insert("dop-msg-destination".into(), g.destination.into());
-    map.insert("dop-msg-type".into(), "Published".into());
-    map.insert(
-        "dop-msg-sent-time".into(),
-        sent_time(SystemTime::now()).into(),
-    );
+/// The headers stored on the row, each name once (jsonb orders them):
+/// `content-type` (the user may override it), the user's headers,
+/// `dop-correlation-id` (the user's, else a new one), then the generated
+/// `dop-msg-*` and `outbox-*`, which win over user headers of those names.
+pub fn stored<'a>(user: &'a [(String, String)], g: &Generated<'a>) -> Vec<(&'a str, Cow<'a, str>)> {
+    let mut generated: Vec<(&'a str, Cow<'a, str>)> = vec![
+        ("dop-msg-id", g.message_id.into()),
+        ("dop-msg-destination", g.destination.into()),
+        ("dop-msg-type", "Published".into()),
+        ("dop-msg-sent-time", sent_time(SystemTime::now()).into()),
+    ];
     if let Some((op, table)) = g.trigger {
-        map.insert("outbox-op".into(), op.into());
-        map.insert("outbox-table".into(), table.into());
+        generated.push(("outbox-op", op.into()));
+        generated.push(("outbox-table", table.into()));
     }
+    let mut out = Vec::with_capacity(user.len() + generated.len() + 2);
+    // User header names are distinct already (they come from one object).
+    if !user.iter().any(|(k, _)| k == "content-type") {
+        out.push(("content-type", CONTENT_TYPE.into()));
+    }
+    for (k, v) in user {
+        if !generated.iter().any(|(g, _)| g == k) {
+            out.push((k.as_str(), v.as_str().into()));
+        }
+    }
+    if !user.iter().any(|(k, _)| k == "dop-correlation-id") {
+        out.push((
+            "dop-correlation-id",
+            uuid::Uuid::new_v4().to_string().into(),
+        ));
+    }
+    out.extend(generated);
+    out
+}
+
+/// Stored headers as a JSON object's text.
+pub fn to_json(headers: &[(&str, Cow<str>)]) -> String {
+    let map: Map<String, Value> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+        .collect();
     Value::Object(map).to_string()
 }
 
@@ -178,7 +194,12 @@ mod tests {
             destination: "/topic/a",
             trigger: Some(("INSERT", "public.t")),
         };
-        let v: Value = serde_json::from_str(&stored(&user, &g)).unwrap();
+        let pairs = stored(&user, &g);
+        let mut names: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), pairs.len(), "each name once: {pairs:?}");
+        let v: Value = serde_json::from_str(&to_json(&pairs)).unwrap();
         assert_eq!(v["dop-msg-id"], "m-1");
         assert_eq!(v["dop-correlation-id"], "corr-1");
         assert_eq!(v["team"], "billing");
@@ -187,5 +208,20 @@ mod tests {
         assert_eq!(v["content-type"], CONTENT_TYPE);
         assert_eq!(v["outbox-op"], "INSERT");
         assert_eq!(v["outbox-table"], "public.t");
+    }
+
+    #[test]
+    fn a_user_content_type_wins_and_a_correlation_id_is_made() {
+        let user = vec![("content-type".to_string(), "text/plain".to_string())];
+        let g = Generated {
+            message_id: "m-2",
+            destination: "/queue/b",
+            trigger: None,
+        };
+        let v: Value = serde_json::from_str(&to_json(&stored(&user, &g))).unwrap();
+        assert_eq!(v["content-type"], "text/plain");
+        assert_eq!(v["dop-correlation-id"].as_str().unwrap().len(), 36);
+        assert!(v.get("outbox-op").is_none());
+        assert_eq!(v.as_object().unwrap().len(), 6);
     }
 }

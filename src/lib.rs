@@ -8,6 +8,7 @@ mod error;
 mod fmgr;
 mod guc;
 mod headers;
+mod jsonb;
 // A complete STOMP client; the workers use part of it.
 #[allow(dead_code)]
 mod stomp;
