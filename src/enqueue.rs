@@ -1,5 +1,6 @@
 //! The one path every message takes into the outbox: validate, build the
-//! stored headers, insert the row through a saved plan, arm the commit wake.
+//! stored headers, insert the row (directly, see direct.rs, or through a
+//! saved plan), arm the commit wake.
 //! Used by `outbox.publish(...)` (api.rs) and the trigger (trigger.rs).
 
 use std::cell::Cell;
@@ -107,22 +108,34 @@ pub fn write(m: &Message) -> uuid::Uuid {
             b' ' as _,
             if m.delay.is_some() { b' ' } else { b'n' } as _,
         ];
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            pgrx::error!("outbox: could not connect to SPI");
-        }
         // Write as the table's owner: publishers need EXECUTE on the API,
         // not INSERT on the table (so they cannot forge rows). An error
         // aborts the transaction, which restores the user id.
         let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
         pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
         pg_sys::SetUserIdAndSecContext(owner(), sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        let plan = plan();
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-        pg_sys::SetUserIdAndSecContext(user, sec);
-        if rc != pg_sys::SPI_OK_INSERT as i32 {
-            pgrx::error!("outbox: insert into outbox.published failed (SPI code {rc})");
+        let direct = crate::direct::insert(&crate::direct::Values {
+            message_id: values[0],
+            destination: values[1],
+            version: m.version.is_some().then_some(values[2]),
+            body: values[3],
+            headers: values[4],
+            delay: m.delay,
+        });
+        if !direct {
+            // The table is not as the extension made it (a trigger on it,
+            // say): the statement does all Postgres would.
+            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+                pgrx::error!("outbox: could not connect to SPI");
+            }
+            let plan = plan();
+            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+            if rc != pg_sys::SPI_OK_INSERT as i32 {
+                pgrx::error!("outbox: insert into outbox.published failed (SPI code {rc})");
+            }
+            pg_sys::SPI_finish();
         }
-        pg_sys::SPI_finish();
+        pg_sys::SetUserIdAndSecContext(user, sec);
     }
     crate::wake::arm();
     id

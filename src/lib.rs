@@ -3,6 +3,7 @@
 
 mod api;
 mod broker;
+mod direct;
 mod enqueue;
 mod error;
 mod fmgr;

@@ -438,3 +438,102 @@ impl FromStrUrl for postgres::Config {
         s.parse().expect("valid connection string")
     }
 }
+
+/// Rows go into outbox.published directly while the table is as the
+/// extension made it, and through an INSERT statement once it is not: a
+/// trigger on the table fires, a column added with a default gets it (in
+/// this session and in one that was open before); back again when they are
+/// gone. Delays, versions and savepoints work either way.
+#[test]
+fn the_outbox_row_honours_what_is_added_to_the_table() {
+    // Nothing listens on port 9: rows stay scheduled while we look.
+    let cl = Cluster::start(&["outbox.stomp_hosts = '127.0.0.1:9'"]);
+    let mut c = cl.client();
+    let mut other = cl.client();
+    c.batch_execute(
+        "CREATE TABLE seen (message_id uuid);
+         CREATE FUNCTION note_row() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO seen VALUES (NEW.message_id); RETURN NEW; END $$;",
+    )
+    .unwrap();
+    fn publish(c: &mut impl postgres::GenericClient, n: i32) -> String {
+        c.query_one(
+            "SELECT outbox.publish('/queue/shape', jsonb_build_object('n', $1::int), '{}', 'v2', '1 hour')::text",
+            &[&n],
+        )
+        .unwrap()
+        .get(0)
+    }
+    let check = |c: &mut Client, id: &str| {
+        let ok: bool = c
+            .query_one(
+                "SELECT id > 0 AND status = 'scheduled' AND retry = 0 AND destination = '/queue/shape.v2'
+                        AND version = 'v2' AND added > now() - interval '1 minute'
+                        AND next_attempt_at - added = '1 hour' AND published_at IS NULL AND last_error IS NULL
+                        AND headers->>'dop-msg-id' = message_id::text AND body ? 'n'
+                 FROM outbox.published WHERE message_id = $1::text::uuid",
+                &[&id],
+            )
+            .unwrap()
+            .get(0);
+        assert!(ok, "row {id}");
+    };
+    let seen = |c: &mut Client, id: &str| -> bool {
+        c.query_one(
+            "SELECT EXISTS (SELECT 1 FROM seen WHERE message_id = $1::text::uuid)",
+            &[&id],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let direct = publish(&mut c, 1);
+    check(&mut c, &direct);
+    publish(&mut other, 2);
+
+    c.batch_execute(
+        "CREATE TRIGGER note AFTER INSERT ON outbox.published FOR EACH ROW EXECUTE FUNCTION note_row();
+         ALTER TABLE outbox.published ADD COLUMN tenant text DEFAULT 'acme';",
+    )
+    .unwrap();
+    for (client, n) in [(&mut c, 3), (&mut other, 4)] {
+        let id = publish(client, n);
+        check(client, &id);
+        assert!(seen(client, &id), "the table's trigger fired for {n}");
+        let tenant: String = client
+            .query_one(
+                "SELECT tenant FROM outbox.published WHERE message_id = $1::text::uuid",
+                &[&id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(tenant, "acme");
+    }
+
+    c.batch_execute(
+        "DROP TRIGGER note ON outbox.published; ALTER TABLE outbox.published DROP COLUMN tenant;",
+    )
+    .unwrap();
+    for (client, n) in [(&mut c, 5), (&mut other, 6)] {
+        let id = publish(client, n);
+        check(client, &id);
+        assert!(!seen(client, &id));
+    }
+
+    // A savepoint rolled back takes its row with it.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    publish(&mut tx, 7);
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    publish(&mut tx, 8);
+    tx.commit().unwrap();
+    let ns: Vec<i32> = c
+        .query(
+            "SELECT (body->>'n')::int FROM outbox.published ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ns, [1, 2, 3, 4, 5, 6, 8]);
+}
