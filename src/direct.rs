@@ -154,7 +154,7 @@ unsafe fn look_up() -> Known {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let form = &*(*rel).rd_rel;
         let desc = (*rel).rd_att;
-        let plain = form.relkind as u8 == pg_sys::RELKIND_RELATION as u8
+        let plain = form.relkind as u8 == pg_sys::RELKIND_RELATION
             && !form.relhastriggers
             && (*rel).trigdesc.is_null()
             && !form.relrowsecurity
