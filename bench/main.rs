@@ -111,10 +111,17 @@ fn main() {
             table,
             NOTES
         );
-        std::fs::write(&path, doc).expect("write the benchmark document");
+        // A hand-written "## Notes" section at the end is kept.
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.find(NOTES_HEADING).map(|at| old[at..].to_string()))
+            .unwrap_or_default();
+        std::fs::write(&path, doc + &kept).expect("write the benchmark document");
         println!("written to {path}");
     }
 }
+
+const NOTES_HEADING: &str = "\n## Notes\n";
 
 const NOTES: &str = "How each figure is taken:\n\
 - write path: single-row INSERTs into a 3-column table, once with no trigger, once with a hand-written PL/pgSQL \

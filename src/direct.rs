@@ -65,6 +65,11 @@ pub struct Values {
 /// Inserts the row directly; false (nothing done) when the table is not
 /// as the extension made it. The caller runs as the table's owner.
 pub fn insert(v: &Values) -> bool {
+    // PostgreSQL 13's executor API differs (and the version is past its end
+    // of life): it keeps the SPI statement.
+    if cfg!(feature = "pg13") {
+        return false;
+    }
     let layout = match LAYOUT.with(|l| l.get()) {
         Known::Direct(l) => l,
         Known::Unsupported => return false,
@@ -77,10 +82,16 @@ pub fn insert(v: &Values) -> bool {
             }
         }
     };
-    unsafe { insert_with(&layout, v) };
+    #[cfg(not(feature = "pg13"))]
+    unsafe {
+        insert_with(&layout, v)
+    };
+    #[cfg(feature = "pg13")]
+    let _ = (layout, v);
     true
 }
 
+#[cfg(not(feature = "pg13"))]
 unsafe fn insert_with(l: &Layout, v: &Values) {
     unsafe {
         let rel = pg_sys::table_open(l.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
