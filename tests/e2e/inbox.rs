@@ -199,6 +199,100 @@ fn the_same_message_id_takes_effect_once_even_concurrently() {
     }
 }
 
+/// Two subscriptions whose queues hold the same ids in opposite orders,
+/// each consumer recording its whole backlog in one transaction with a
+/// slow callback: their batches wait on each other (a deadlock Postgres
+/// breaks), yet every id takes effect once and both queues empty.
+#[test]
+fn the_same_ids_in_opposite_orders_take_effect_once() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    c.batch_execute(
+        "CREATE OR REPLACE FUNCTION slow_effect(m outbox.message) RETURNS void LANGUAGE sql AS
+           $$ SELECT pg_sleep(0.3); INSERT INTO effects VALUES ('slow', m.message_id, m.body, current_user) $$;",
+    )
+    .unwrap();
+    let (d1, q1) = topic("cross1");
+    let (d2, q2) = topic("cross2");
+    let (n1, n2) = (unique("cross1"), unique("cross2"));
+    // Create the queues, then leave while they fill.
+    for (name, d) in [(&n1, &d1), (&n2, &d2)] {
+        subscribe(cl, &mut c, name, d, "slow_effect(outbox.message)");
+        c.execute("SELECT outbox.unsubscribe($1)", &[name]).unwrap();
+    }
+    let ids: Vec<String> = (0..4).map(|i| unique(&format!("cross-id{i}"))).collect();
+    let messages =
+        |order: &mut dyn Iterator<Item = &String>| -> Vec<(Vec<(&str, String)>, String)> {
+            order
+                .map(|id| {
+                    (
+                        vec![("dop-msg-id", id.clone())],
+                        format!(r#"{{"cross": "{id}"}}"#),
+                    )
+                })
+                .collect()
+        };
+    for (d, msgs) in [
+        (&d1, messages(&mut ids.iter())),
+        (&d2, messages(&mut ids.iter().rev())),
+    ] {
+        let headers: Vec<Vec<(&str, &str)>> = msgs
+            .iter()
+            .map(|(h, _)| h.iter().map(|(k, v)| (*k, v.as_str())).collect())
+            .collect();
+        let batch: Vec<(&[(&str, &str)], &str)> = headers
+            .iter()
+            .zip(&msgs)
+            .map(|(h, (_, body))| (h.as_slice(), body.as_str()))
+            .collect();
+        send_raw(d, &batch);
+    }
+    // Both at once, in one transaction.
+    let mut tx = c.transaction().unwrap();
+    for (name, d) in [(&n1, &d1), (&n2, &d2)] {
+        tx.execute(
+            "SELECT outbox.subscribe($1, $2, 'slow_effect(outbox.message)'::regprocedure)",
+            &[name, d],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let effects_of = |c: &mut Client| -> Vec<(String, i64)> {
+        c.query(
+            "SELECT message_id, count(*) FROM effects WHERE message_id = ANY($1) GROUP BY 1 ORDER BY 1",
+            &[&ids],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    let consumed = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM outbox.received WHERE message_id = ANY($1) AND status = 'consumed'",
+            &[&ids],
+        )
+        .unwrap()
+        .get(0)
+    };
+    wait_for("four ids consumed", Duration::from_secs(30), || {
+        (consumed(&mut c) == 4).then_some(())
+    });
+    // Both queues empty: every delivery was ACKed, none left hanging.
+    for q in [&q1, &q2] {
+        wait_for("the queue to empty", Duration::from_secs(20), || {
+            (broker::queue_depth(q) == Some(0)).then_some(())
+        });
+    }
+    let effects = effects_of(&mut c);
+    assert_eq!(effects.len(), 4, "{effects:?}");
+    assert!(effects.iter().all(|(_, n)| *n == 1), "{effects:?}");
+    for name in [&n1, &n2] {
+        c.execute("SELECT outbox.unsubscribe($1)", &[name]).unwrap();
+    }
+}
+
 #[test]
 fn the_message_id_is_taken_in_order_of_precedence() {
     let _b = broker::shared_broker();

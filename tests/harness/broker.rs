@@ -126,6 +126,10 @@ impl Subscriber {
 
 /// Runs `rabbitmqctl` with the given arguments (as root, or through sudo).
 pub fn rabbitmqctl(args: &[&str]) {
+    rabbitmqctl_output(args);
+}
+
+fn rabbitmqctl_output(args: &[&str]) -> String {
     let mut cmd = if unsafe { geteuid() } == 0 {
         std::process::Command::new("rabbitmqctl")
     } else {
@@ -139,6 +143,18 @@ pub fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Messages in a queue, ready or delivered and not yet ACKed; None when
+/// the queue does not exist.
+pub fn queue_depth(queue: &str) -> Option<i64> {
+    rabbitmqctl_output(&["-q", "list_queues", "name", "messages"])
+        .lines()
+        .find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(queue)).then(|| cols.next()?.parse().ok())?
+        })
 }
 
 unsafe extern "C" {
