@@ -850,9 +850,14 @@ fn call(
             isnull: false,
         };
         let f = (*finfo).fn_addr.expect("fmgr_info sets fn_addr");
-        // An error unwinds past the restore below: aborting the
-        // subtransaction restores the user id.
+        // Settings the callback changes (SET, SET LOCAL) end with the call:
+        // callbacks of a batch share a transaction, and none may change
+        // the worker's session for the messages after it.
+        let guc_level = pg_sys::NewGUCNestLevel();
+        // An error unwinds past the restores below: aborting the
+        // subtransaction restores the user id and the settings.
         let result = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| f(fcinfo));
+        pg_sys::AtEOXact_GUC(false, guc_level);
         pg_sys::SetUserIdAndSecContext(user, sec);
         (sub.returns_bool && !(*fcinfo).isnull).then(|| result.value() != 0)
     }

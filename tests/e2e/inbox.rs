@@ -524,6 +524,55 @@ fn a_backlog_with_failing_and_rejected_messages_keeps_each_outcome_and_the_order
         .unwrap();
 }
 
+/// Callbacks of one batch share a transaction, but what one sets (SET or
+/// SET LOCAL) ends with its call: it reaches neither the next message nor
+/// the worker's session.
+#[test]
+fn settings_a_callback_changes_do_not_reach_the_next_message() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS local_seen (sub text, seen text);
+         GRANT ALL ON local_seen TO PUBLIC;
+         CREATE OR REPLACE FUNCTION sets_local(m outbox.message) RETURNS void LANGUAGE plpgsql AS
+           $$ BEGIN
+                INSERT INTO local_seen VALUES (m.headers->>'sub', current_setting('outbox_test.seen', true));
+                PERFORM set_config('outbox_test.seen', 'set by ' || (m.body->>'n'),
+                                   (m.body->>'n')::int % 2 = 0);
+              END $$;",
+    )
+    .unwrap();
+    let (d, _) = topic("setlocal");
+    let name = unique("setlocal");
+    subscribe(cl, &mut c, &name, &d, "sets_local(outbox.message)");
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i), jsonb_build_object('sub', $2::text))
+         FROM generate_series(1, 10) i",
+        &[&d, &name],
+    )
+    .unwrap();
+    outbox_pg_e2e::wait_drained(&mut c, Duration::from_secs(20));
+    subscribe(cl, &mut c, &name, &d, "sets_local(outbox.message)");
+    let seen: Vec<Option<String>> = wait_for("10 callbacks", Duration::from_secs(20), || {
+        let rows: Vec<Option<String>> = c
+            .query("SELECT seen FROM local_seen WHERE sub = $1", &[&name])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (rows.len() == 10).then_some(rows)
+    });
+    assert!(
+        seen.iter().all(|s| s.as_deref().is_none_or(str::is_empty)),
+        "{seen:?}"
+    );
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
 #[test]
 fn unsubscribe_stops_within_a_second_and_resubscribe_picks_up_the_backlog() {
     let _b = broker::shared_broker();
