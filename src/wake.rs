@@ -30,6 +30,11 @@ pub struct Shared {
     pub subscriptions: AtomicU64,
     /// When the worker last ran retention (ms since the epoch).
     pub cleaned_at: AtomicI64,
+    /// The publisher is inside a unit of work; still true when its next
+    /// incarnation starts means the last one ended in an error.
+    pub publisher_busy: AtomicBool,
+    /// Publisher incarnations in a row that ended in an error.
+    pub publisher_failures: std::sync::atomic::AtomicU32,
 }
 
 // SAFETY: only atomics, no pointers.

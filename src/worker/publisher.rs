@@ -47,7 +47,8 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     let report = wake::Reporter::Publisher;
     report.started();
     let mut p = Publisher::new();
-    loop {
+    let mut stop = !back_off_after_errors(shared);
+    while !stop {
         if BackgroundWorker::sigterm_received() {
             break;
         }
@@ -55,10 +56,11 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             p.reload();
         }
+        shared.publisher_busy.store(true, Ordering::Release);
         let wait = p.step();
-        if !wait.is_zero() && !BackgroundWorker::wait_latch(Some(wait)) {
-            break;
-        }
+        shared.publisher_busy.store(false, Ordering::Release);
+        shared.publisher_failures.store(0, Ordering::Release);
+        stop = !wait.is_zero() && !BackgroundWorker::wait_latch(Some(wait));
     }
     p.disconnect();
     report.stopped();
@@ -68,6 +70,38 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     // restart time (a terminated publisher comes back); at shutdown it
     // restarts nothing.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// When the last incarnation ended in an error (a full disk failing every
+/// batch, say), waits before working again: 1 s, 2 s, 4 s ... up to
+/// `outbox.maximum_backoff`, on top of the postmaster's 1 s restart time,
+/// instead of re-sending the same batch every second. False when the
+/// worker must exit meanwhile.
+fn back_off_after_errors(shared: &wake::Shared) -> bool {
+    if !shared.publisher_busy.swap(false, Ordering::AcqRel) {
+        shared.publisher_failures.store(0, Ordering::Release);
+        return true;
+    }
+    let failures = shared.publisher_failures.fetch_add(1, Ordering::AcqRel) + 1;
+    if failures < 2 {
+        return true; // the first error: try again after the restart time
+    }
+    let cap = Duration::from_millis(guc::MAXIMUM_BACKOFF_MS.get().max(1) as u64);
+    let wait = Duration::from_secs(1 << (failures - 2).min(20)).min(cap);
+    log!(
+        "outbox publisher: its work failed {failures} times in a row; waiting {} ms before trying again",
+        wait.as_millis()
+    );
+    let until = Instant::now() + wait;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero() || BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if !BackgroundWorker::wait_latch(Some(left)) {
+            return false;
+        }
+    }
+    !BackgroundWorker::sigterm_received()
 }
 
 /// One claimed row.

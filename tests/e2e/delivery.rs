@@ -501,7 +501,13 @@ fn an_error_inside_the_workers_transaction_is_logged_and_the_worker_carries_on()
     wait_for("the error in the log", Duration::from_secs(10), || {
         cl.log().contains("No space left on device").then_some(())
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // Failing again and again, it backs off instead of re-sending the
+    // batch every second.
+    wait_for("the backoff in the log", Duration::from_secs(10), || {
+        cl.log()
+            .contains("outbox publisher: its work failed 2 times in a row; waiting")
+            .then_some(())
+    });
     assert_eq!(
         status_counts(&mut c, &d),
         (5, 0, 0),
