@@ -537,3 +537,53 @@ fn the_outbox_row_honours_what_is_added_to_the_table() {
         .collect();
     assert_eq!(ns, [1, 2, 3, 4, 5, 6, 8]);
 }
+
+/// Change data capture reads the outbox table too (Debezium's outbox
+/// pattern does): rows written by the trigger and by publish() appear in
+/// logical decoding, in commit order, and a rolled-back one does not.
+#[test]
+fn outbox_rows_reach_logical_decoding() {
+    let cl = Cluster::start(&[
+        "outbox.stomp_hosts = '127.0.0.1:9'",
+        "wal_level = logical",
+        "max_replication_slots = 4",
+    ]);
+    let mut c = cl.client();
+    for sql in [
+        "SELECT pg_create_logical_replication_slot('outbox_cdc', 'test_decoding')",
+        "CREATE TABLE orders (id int PRIMARY KEY, status text)",
+        "CREATE TRIGGER orders_outbox AFTER INSERT ON orders FOR EACH ROW
+           EXECUTE FUNCTION outbox.publish('/topic/orders')",
+        "INSERT INTO orders VALUES (1, 'new')",
+        "SELECT outbox.publish('/queue/cdc', '{\"n\": 2}')",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SELECT outbox.publish('/queue/cdc', '{\"n\": 3}')")
+        .unwrap();
+    tx.rollback().unwrap();
+    let changes: Vec<String> = c
+        .query(
+            "SELECT data FROM pg_logical_slot_get_changes('outbox_cdc', NULL, NULL)
+             WHERE data LIKE 'table outbox.published: INSERT:%'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(
+        changes[0].contains("destination[text]:'/topic/orders'")
+            && changes[0].contains(r#""status": "new""#),
+        "{}",
+        changes[0]
+    );
+    assert!(
+        changes[1].contains("destination[text]:'/queue/cdc'")
+            && changes[1].contains("status[outbox.message_status]:'scheduled'"),
+        "{}",
+        changes[1]
+    );
+}
