@@ -293,13 +293,15 @@ impl Consumer {
         }
     }
 
-    /// Handles every message already received, a *batch* at a time: the
-    /// messages the socket holds (up to BATCH) share one transaction, each
-    /// in its own subtransaction, so a busy queue costs one commit per
-    /// batch, not per message; ACKs/NACKs go out after the commit.
+    /// Handles the messages already received, a *batch* at a time: the
+    /// messages the socket holds (up to BATCH) share one transaction, so a
+    /// busy queue costs one commit per batch, not per message; ACKs/NACKs
+    /// go out after the commit. Returns within about a TICK even while the
+    /// queue stays full, so that signals and unsubscribes are seen.
     fn pump(&mut self) -> Result<(), StompError> {
         let mut pending = std::collections::VecDeque::new();
         let mut handled = 0u64;
+        let started = Instant::now();
         loop {
             let conn = self.link.conn.as_mut().expect("connected");
             while pending.len() < BATCH {
@@ -337,9 +339,22 @@ impl Consumer {
                 self.link.conn.as_mut().expect("connected").queue(&reply)?;
                 handled += 1;
             }
-            self.link.conn.as_mut().expect("connected").flush()?;
+            let conn = self.link.conn.as_mut().expect("connected");
+            conn.flush()?;
             if leave {
                 // Terminating: the rest is delivered again after we leave.
+                break;
+            }
+            let changed = wake::SHARED
+                .get()
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Acquire)
+                != self.generation;
+            if started.elapsed() >= TICK || changed || BackgroundWorker::sigterm_received() {
+                // Back into the connection's buffer, in order, for later.
+                while let Some(m) = pending.pop_back() {
+                    conn.push_back(m);
+                }
                 break;
             }
         }

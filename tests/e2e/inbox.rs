@@ -573,6 +573,83 @@ fn settings_a_callback_changes_do_not_reach_the_next_message() {
         .unwrap();
 }
 
+/// A consumer that never runs out of messages (a prefetch larger than its
+/// batches keeps its socket full) still sees an unsubscribe within about a
+/// second; what it had not handled stays in the queue.
+#[test]
+fn unsubscribe_stops_a_busy_consumer_and_loses_nothing() {
+    let _b = broker::shared_broker();
+    let settings: Vec<&str> = SETTINGS
+        .iter()
+        .map(|s| {
+            if s.contains("prefetch-count") {
+                r#"outbox.stomp_queue_headers = '{"durable":"true","auto-delete":"false","prefetch-count":"400","x-expires":"120000"}'"#
+            } else {
+                s
+            }
+        })
+        .collect();
+    let cl = &Cluster::start(&settings);
+    let mut c = cl.client();
+    c.batch_execute(
+        "CREATE TABLE effects (subscription text, message_id text, body jsonb, who text);
+         CREATE FUNCTION steady_effect(m outbox.message) RETURNS void LANGUAGE sql AS
+           $$ SELECT pg_sleep(0.002); INSERT INTO effects VALUES ('steady', m.message_id, m.body, current_user) $$;",
+    )
+    .unwrap();
+    let (d, _) = topic("busy");
+    let name = unique("busy");
+    subscribe(cl, &mut c, &name, &d, "steady_effect(outbox.message)");
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('busy', $2::text, 'i', i)) FROM generate_series(1, 3000) i",
+        &[&d, &name],
+    )
+    .unwrap();
+    let done = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM effects WHERE body->>'busy' = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+    };
+    wait_for("the consumer to be busy", Duration::from_secs(20), || {
+        (done(&mut c) >= 100).then_some(())
+    });
+    let consumers = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox consumer' AND application_name = $1", &[&name])
+            .unwrap()
+            .get(0)
+    };
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+    let start = Instant::now();
+    wait_for("the busy consumer to stop", Duration::from_secs(10), || {
+        (consumers(&mut c) == 0).then_some(())
+    });
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "stopped after {:?}",
+        start.elapsed()
+    );
+    let at_stop = done(&mut c);
+    assert!(at_stop < 3000, "it stopped before the queue ran out");
+    subscribe(cl, &mut c, &name, &d, "steady_effect(outbox.message)");
+    wait_for("the rest", Duration::from_secs(60), || {
+        (done(&mut c) == 3000).then_some(())
+    });
+    let distinct: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT message_id) FROM effects WHERE body->>'busy' = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, 3000, "each message once");
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
 #[test]
 fn unsubscribe_stops_within_a_second_and_resubscribe_picks_up_the_backlog() {
     let _b = broker::shared_broker();
