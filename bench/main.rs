@@ -130,7 +130,8 @@ outbox trigger (`INSERT INTO outbox.published ... to_jsonb(NEW)` with the same g
 autocommit (one client round trip per row). The *floor* writes, with no trigger, the user's row and an outbox row \
 of the same shape whose every value is a constant: what any outbox that writes its row in the user's transaction \
 costs at least. The publisher points at a closed port meanwhile, so delivery takes no CPU.\n\
-- write path, drain and consume are the best of three runs of each side, the sides taking turns.\n\
+- write path, drain and consume: three rounds, the sides taking turns in each; times are medians, and each \
+ratio is the median of the ratios within a round (a side is only compared with its neighbours in time).\n\
 - drain: a backlog written while the publisher could not connect, then drained after a reload; the raw baseline \
 sends the same frames (same headers and bodies) with the project's STOMP client, pipelined in batches of \
 `outbox.batch_size` with one receipt per frame, no database.\n\
@@ -215,6 +216,35 @@ fn dead_port() -> u16 {
 
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Durations of the sides of a figure, measured round after round with
+/// the sides taking turns. Times are medians; a ratio is the median of the
+/// ratios within each round, so a side is only compared with its
+/// neighbours in time (the machine's speed drifts between rounds).
+struct Rounds<const N: usize>(Vec<[Duration; N]>);
+
+impl<const N: usize> Rounds<N> {
+    fn time(&self, side: usize) -> Duration {
+        Duration::from_secs_f64(median(
+            self.0.iter().map(|r| r[side].as_secs_f64()).collect(),
+        ))
+    }
+
+    /// Median of `a / b` within each round.
+    fn ratio(&self, a: usize, b: usize) -> f64 {
+        median(
+            self.0
+                .iter()
+                .map(|r| r[a].as_secs_f64() / r[b].as_secs_f64())
+                .collect(),
+        )
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn rate(n: i32, d: Duration) -> f64 {
@@ -302,18 +332,17 @@ fn write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
     ];
     let variants = ["", FLOOR, "hand_outbox()", "outbox.publish('/topic/x')"];
     for (how, run) in runs {
-        // Best of three, the variants taking turns: the machine is shared
+        // Three rounds, the variants taking turns: the machine is shared
         // with the broker, and its speed drifts.
-        let mut best = [Duration::MAX; 4];
-        for _ in 0..3 {
-            for (b, v) in best.iter_mut().zip(variants) {
-                *b = (*b).min(run(&mut c, v));
-            }
-        }
-        let [plain, floor, hand, ours] = best;
-        let r1 = ours.as_secs_f64() / plain.as_secs_f64();
-        let r2 = ours.as_secs_f64() / hand.as_secs_f64();
-        let r0 = floor.as_secs_f64() / plain.as_secs_f64();
+        let rounds = Rounds(
+            (0..3)
+                .map(|_| variants.map(|v| run(&mut c, v)))
+                .collect::<Vec<_>>(),
+        );
+        let [plain, floor, hand, ours] = [0, 1, 2, 3].map(|i| rounds.time(i));
+        let r1 = rounds.ratio(3, 0);
+        let r2 = rounds.ratio(3, 2);
+        let r0 = rounds.ratio(1, 0);
         rows.push(Row {
             figure: format!("write path, {n} INSERTs {how}"),
             value: secs(ours),
@@ -405,18 +434,23 @@ fn drain(sizes: &Sizes, rows: &mut Vec<Row>) {
     let mut c = cl.client();
     let n = sizes.drain;
     // Queues hold what is sent, as a real consumer's queue would.
-    // Best of three, alternating, for both: two cores are shared with the
-    // broker, and single runs vary by a third.
-    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-    for _ in 0..3 {
-        let (q1, q2) = (unique("bench_drain"), unique("bench_raw"));
-        raw = raw.min(raw_send(n, 500, &format!("/queue/{q2}")));
-        ours = ours.min(timed_drain(&cl, &mut c, n, &format!("/queue/{q1}")));
-        c.batch_execute("TRUNCATE outbox.published").unwrap();
-        purge(&q1);
-        purge(&q2);
-    }
-    let r = rate(n, ours) / rate(n, raw);
+    // Three rounds, alternating: two cores are shared with the broker, and
+    // single runs vary by a third.
+    let rounds = Rounds(
+        (0..3)
+            .map(|_| {
+                let (q1, q2) = (unique("bench_drain"), unique("bench_raw"));
+                let raw = raw_send(n, 500, &format!("/queue/{q2}"));
+                let ours = timed_drain(&cl, &mut c, n, &format!("/queue/{q1}"));
+                c.batch_execute("TRUNCATE outbox.published").unwrap();
+                purge(&q1);
+                purge(&q2);
+                [raw, ours]
+            })
+            .collect(),
+    );
+    let (raw, ours) = (rounds.time(0), rounds.time(1));
+    let r = rounds.ratio(0, 1);
     rows.push(Row {
         figure: format!("drain, {n}-row backlog → broker"),
         value: format!("{:.0} msg/s", rate(n, ours)),
@@ -588,17 +622,18 @@ fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {
             .contains("outbox consumer \"bench\": subscribed")
             .then_some(())
     });
-    // Best of three, alternating (see drain).
-    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-    for _ in 0..3 {
-        raw = raw.min(raw_consume(n, prefetch));
-        ours = ours.min(ours_consume(&mut c, n, &d));
-    }
+    // Three rounds, alternating (see drain).
+    let rounds = Rounds(
+        (0..3)
+            .map(|_| [raw_consume(n, prefetch), ours_consume(&mut c, n, &d)])
+            .collect(),
+    );
+    let (raw, ours) = (rounds.time(0), rounds.time(1));
     c.execute("SELECT outbox.unsubscribe('bench')", &[])
         .unwrap();
     purge(&q);
     purge(&format!("DLQ.{q}"));
-    let r = rate(n, ours) / rate(n, raw);
+    let r = rounds.ratio(0, 1);
     rows.push(Row {
         figure: format!("consume, {n} queued → SQL callback inserting a row"),
         value: format!("{:.0} msg/s", rate(n, ours)),
