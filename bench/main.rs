@@ -141,7 +141,8 @@ to the last (the worker's start is not counted, as the raw consumer connects bef
 baseline consumes the same number from a queue with the same prefetch and one ACK per message.\n\
 - idle CPU: the publisher's user+system CPU time over 10 s with nothing to do.\n\
 - backlog: drain rate of a large backlog against a small one, both to a topic nobody subscribes to (the broker \
-confirms each message and keeps none, so its queue depth does not count), and the publisher's RSS before and after.";
+confirms each message and keeps none, so its queue depth does not count), and the publisher's RSS before and \
+after (read a second after the drain, the worker idle again, as before it).";
 
 fn today() -> String {
     let out = std::process::Command::new("date")
@@ -659,6 +660,8 @@ fn backlog(sizes: &Sizes, rows: &mut Vec<Row>) {
     c.batch_execute("TRUNCATE outbox.published").unwrap();
     let rss_before = rss_kb(pid);
     let big = timed_drain(&cl, &mut c, sizes.backlog_big, &format!("/topic/{t2}"));
+    // Read once the worker has gone idle again, as before the drain.
+    std::thread::sleep(Duration::from_secs(1));
     let rss_after = rss_kb(pid);
     let r = rate(sizes.backlog_big, big) / rate(sizes.backlog_small, small);
     rows.push(Row {

@@ -26,12 +26,16 @@ pub fn register() {
 
 /// Makes the worker immune to time limits set for its database or role
 /// (`ALTER DATABASE ... SET statement_timeout`): a worker's short
-/// transactions must not be cancelled into a restart loop.
+/// transactions must not be cancelled into a restart loop. Also keeps its
+/// queries from starting parallel workers.
 pub fn ignore_session_limits() {
     for name in [
         c"statement_timeout",
         c"lock_timeout",
         c"idle_in_transaction_session_timeout",
+        // Parallel workers would take the background-worker slots that
+        // consumer workers need (and a worker's queries are index probes).
+        c"max_parallel_workers_per_gather",
     ] {
         unsafe {
             pgrx::pg_sys::SetConfigOption(
