@@ -33,8 +33,23 @@ use crate::wake::{self, SLOTS};
 /// Longest sleep between two looks at the subscription and the signals.
 const TICK: Duration = Duration::from_millis(500);
 
-/// Most messages handled in one transaction (the default prefetch).
-const BATCH: usize = 100;
+/// Most messages handled in one transaction.
+const MAX_BATCH: usize = 100;
+
+/// Messages per batch: half the prefetch, so that while one batch runs the
+/// broker already refills what the previous batch's ACKs freed (a batch as
+/// large as the prefetch would leave the broker waiting after each).
+fn batch_size() -> usize {
+    let prefetch = serde_json::from_str::<serde_json::Value>(&guc::text(&guc::STOMP_QUEUE_HEADERS))
+        .ok()
+        .and_then(|h| match &h["prefetch-count"] {
+            serde_json::Value::String(s) => s.parse::<usize>().ok(),
+            serde_json::Value::Number(n) => n.as_u64().map(|n| n as usize),
+            _ => None,
+        })
+        .unwrap_or(MAX_BATCH);
+    (prefetch / 2).clamp(1, MAX_BATCH)
+}
 
 /// One row of `outbox.subscriptions`, as this worker uses it.
 #[derive(PartialEq)]
@@ -294,7 +309,7 @@ impl Consumer {
     }
 
     /// Handles the messages already received, a *batch* at a time: the
-    /// messages the socket holds (up to BATCH) share one transaction, so a
+    /// messages the socket holds (up to `batch_size()`) share one transaction, so a
     /// busy queue costs one commit per batch, not per message; ACKs/NACKs
     /// go out after the commit. Returns within about a TICK even while the
     /// queue stays full, so that signals and unsubscribes are seen.
@@ -302,9 +317,10 @@ impl Consumer {
         let mut pending = std::collections::VecDeque::new();
         let mut handled = 0u64;
         let started = Instant::now();
+        let batch = batch_size();
         loop {
             let conn = self.link.conn.as_mut().expect("connected");
-            while pending.len() < BATCH {
+            while pending.len() < batch {
                 match conn.read_frame(Duration::ZERO)? {
                     Some(f) if f.command == Command::Message => pending.push_back(f),
                     Some(_) => {}
