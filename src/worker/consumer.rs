@@ -496,11 +496,16 @@ impl Consumer {
             redelivered,
         } = p;
         let Some(body) = body else {
-            record_malformed(id, sub, destination, headers);
+            record_malformed(
+                id,
+                sub,
+                destination,
+                &crate::headers::to_json(&pairs(headers)),
+            );
             return Verdict::DeadLetter;
         };
         // Parsed once, used by the record and by the callback.
-        let (headers, body) = (jsonb(headers), jsonb(body));
+        let (headers, body) = (crate::jsonb::object(&pairs(headers)), jsonb(body));
         let Some(attempts) = record(id, sub, destination, headers, body) else {
             return Verdict::Ack; // consumed or discarded before: the effect happened once
         };
@@ -555,7 +560,7 @@ impl Consumer {
 struct Prepared {
     id: String,
     destination: String,
-    headers: String,
+    headers: Vec<(String, String)>,
     /// None: not JSON that jsonb accepts (the message is dead-lettered).
     body: Option<String>,
     redelivered: bool,
@@ -574,7 +579,7 @@ impl Prepared {
         Prepared {
             id: message_id(m),
             destination: m.get("destination").unwrap_or_default().to_string(),
-            headers: headers_json(m),
+            headers: stored_headers(m),
             body,
             redelivered: m.get("redelivered") == Some("true"),
         }
@@ -673,16 +678,26 @@ fn jsonb(text: &str) -> pg_sys::Datum {
     }
 }
 
-/// The MESSAGE's headers as a JSON object (the first of repeated names).
-/// NUL, which STOMP allows and jsonb does not, becomes U+FFFD.
-fn headers_json(m: &Frame) -> String {
+/// The MESSAGE's headers as the inbox stores them: each name once (the
+/// first of repeated names, as STOMP 1.2 reads them); NUL, which STOMP
+/// allows and jsonb does not, becomes U+FFFD.
+fn stored_headers(m: &Frame) -> Vec<(String, String)> {
     let clean = |s: &str| s.replace('\0', "\u{FFFD}");
-    let mut map = serde_json::Map::new();
-    for (k, v) in &m.headers {
-        map.entry(clean(k))
-            .or_insert_with(|| serde_json::Value::String(clean(v)));
-    }
-    serde_json::Value::Object(map).to_string()
+    let mut seen = std::collections::HashSet::new();
+    m.headers
+        .iter()
+        .map(|(k, v)| (clean(k), v))
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .map(|(k, v)| (k, clean(v)))
+        .collect()
+}
+
+/// Stored headers as borrowed pairs, for `jsonb::object` and `headers::to_json`.
+fn pairs(headers: &[(String, String)]) -> Vec<(&str, std::borrow::Cow<'_, str>)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), std::borrow::Cow::Borrowed(v.as_str())))
+        .collect()
 }
 
 const RECORD: &std::ffi::CStr = c"INSERT INTO outbox.received AS r \
