@@ -39,16 +39,30 @@ const MAX_BATCH: usize = 100;
 /// Messages per batch: half the prefetch, so that while one batch runs the
 /// broker already refills what the previous batch's ACKs freed (a batch as
 /// large as the prefetch would leave the broker waiting after each).
-fn batch_size() -> usize {
-    let prefetch = serde_json::from_str::<serde_json::Value>(&guc::text(&guc::STOMP_QUEUE_HEADERS))
-        .ok()
-        .and_then(|h| match &h["prefetch-count"] {
-            serde_json::Value::String(s) => s.parse::<usize>().ok(),
-            serde_json::Value::Number(n) => n.as_u64().map(|n| n as usize),
-            _ => None,
-        })
+fn batch_size(queue_headers: &[(String, String)]) -> usize {
+    let prefetch = queue_headers
+        .iter()
+        .find(|(k, _)| k == "prefetch-count")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
         .unwrap_or(MAX_BATCH);
     (prefetch / 2).clamp(1, MAX_BATCH)
+}
+
+/// `outbox.stomp_queue_headers` as header pairs (numbers and booleans as
+/// their text).
+fn queue_headers() -> Vec<(String, String)> {
+    match serde_json::from_str::<serde_json::Value>(&guc::text(&guc::STOMP_QUEUE_HEADERS)) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::String(s) => Some((k, s)),
+                serde_json::Value::Number(n) => Some((k, n.to_string())),
+                serde_json::Value::Bool(b) => Some((k, b.to_string())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// One row of `outbox.subscriptions`, as this worker uses it.
@@ -181,6 +195,8 @@ struct Consumer {
     /// The callback, resolved once (TopMemoryContext).
     finfo: *mut pg_sys::FmgrInfo,
     message_type: pg_sys::Oid,
+    /// Messages per batch, from the prefetch the last SUBSCRIBE asked for.
+    batch: usize,
 }
 
 impl Consumer {
@@ -213,6 +229,7 @@ impl Consumer {
                 .load(std::sync::atomic::Ordering::Acquire),
             finfo,
             message_type,
+            batch: 1,
         }
     }
 
@@ -284,8 +301,10 @@ impl Consumer {
             return false;
         }
         let sub = &self.sub;
+        let queue_headers = queue_headers();
+        self.batch = batch_size(&queue_headers);
         let connected = self.link.connect(
-            |c| subscribe(c, sub),
+            |c| subscribe(c, sub, &queue_headers),
             |host, e| match e {
                 StompError::Broker { message, .. } if message.contains("precondition") => format!(
                     "queue {} exists with other arguments than outbox.stomp_queue_headers and the \
@@ -309,7 +328,7 @@ impl Consumer {
     }
 
     /// Handles the messages already received, a *batch* at a time: the
-    /// messages the socket holds (up to `batch_size()`) share one transaction, so a
+    /// messages the socket holds (up to `self.batch`) share one transaction, so a
     /// busy queue costs one commit per batch, not per message; ACKs/NACKs
     /// go out after the commit. Returns within about a TICK even while the
     /// queue stays full, so that signals and unsubscribes are seen.
@@ -317,10 +336,9 @@ impl Consumer {
         let mut pending = std::collections::VecDeque::new();
         let mut handled = 0u64;
         let started = Instant::now();
-        let batch = batch_size();
         loop {
             let conn = self.link.conn.as_mut().expect("connected");
-            while pending.len() < batch {
+            while pending.len() < self.batch {
                 match conn.read_frame(Duration::ZERO)? {
                     Some(f) if f.command == Command::Message => pending.push_back(f),
                     Some(_) => {}
@@ -334,8 +352,8 @@ impl Consumer {
             // A batch stops at a message whose callback failed with attempts
             // left: retry it now, before anything later, to keep the order.
             if let Some(Verdict::Retry) = verdicts.last() {
-                let m = &pending[verdicts.len() - 1];
-                *verdicts.last_mut().expect("not empty") = self.handle(m);
+                let m = Prepared::new(&pending[verdicts.len() - 1]);
+                *verdicts.last_mut().expect("not empty") = self.handle(&m);
             }
             let leave = matches!(verdicts.last(), Some(Verdict::Leave));
             for verdict in verdicts {
@@ -412,13 +430,12 @@ impl Consumer {
     /// has failed `outbox.maximum_retry_attempts` times. Retrying here, not
     /// by NACK with requeue, works alike on every broker (ActiveMQ sends
     /// every NACKed message to the dead-letter queue at once).
-    fn handle(&mut self, m: &Frame) -> Verdict {
+    fn handle(&mut self, p: &Prepared) -> Verdict {
         loop {
             if BackgroundWorker::sigterm_received() {
                 return Verdict::Leave;
             }
-            let p = Prepared::new(m);
-            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(&p, true))) {
+            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(p, true))) {
                 Verdict::Retry => continue,
                 v => return v,
             }
@@ -467,9 +484,9 @@ impl Consumer {
                     self.sub.name,
                     messages.len()
                 );
-                let mut verdicts = Vec::with_capacity(messages.len());
-                for m in messages {
-                    let v = self.handle(m);
+                let mut verdicts = Vec::with_capacity(prepared.len());
+                for p in &prepared {
+                    let v = self.handle(p);
                     let stop = matches!(v, Verdict::Leave);
                     verdicts.push(v);
                     if stop {
@@ -587,21 +604,12 @@ impl Prepared {
 }
 
 /// SUBSCRIBE as django-outbox-pattern does, after declaring the DLQ.
-fn subscribe(c: &mut Connection, sub: &Subscription) -> Result<(), StompError> {
+fn subscribe(
+    c: &mut Connection,
+    sub: &Subscription,
+    queue_headers: &[(String, String)],
+) -> Result<(), StompError> {
     let dlq = format!("DLQ.{}", sub.queue);
-    let queue_headers: Vec<(String, String)> =
-        match serde_json::from_str::<serde_json::Value>(&guc::text(&guc::STOMP_QUEUE_HEADERS)) {
-            Ok(serde_json::Value::Object(map)) => map
-                .into_iter()
-                .filter_map(|(k, v)| match v {
-                    serde_json::Value::String(s) => Some((k, s)),
-                    serde_json::Value::Number(n) => Some((k, n.to_string())),
-                    serde_json::Value::Bool(b) => Some((k, b.to_string())),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
     // Declare the dead-letter queue: subscribe without acking anything and
     // leave (anything delivered meanwhile goes back to it).
     let declare = Frame::new(Command::Subscribe)
@@ -623,7 +631,7 @@ fn subscribe(c: &mut Connection, sub: &Subscription) -> Result<(), StompError> {
         .header("destination", &sub.destination)
         .header("ack", "client-individual")
         .header("x-queue-name", &sub.queue);
-    for (k, v) in &queue_headers {
+    for (k, v) in queue_headers {
         frame = frame.header(k, v);
         if k == "prefetch-count" {
             frame = frame.header("activemq.prefetchSize", v);

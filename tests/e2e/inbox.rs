@@ -58,6 +58,16 @@ fn subscribe(cl: &Cluster, c: &mut Client, name: &str, destination: &str, callba
     });
 }
 
+/// Consumer workers running for the subscription `name`.
+fn consumers(c: &mut Client, name: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox consumer' AND application_name = $1",
+        &[&name],
+    )
+    .unwrap()
+    .get(0)
+}
+
 fn effects(c: &mut Client, body_like: &str) -> i64 {
     c.query_one(
         "SELECT count(*) FROM effects WHERE body::text LIKE $1",
@@ -616,16 +626,11 @@ fn unsubscribe_stops_a_busy_consumer_and_loses_nothing() {
     wait_for("the consumer to be busy", Duration::from_secs(20), || {
         (done(&mut c) >= 100).then_some(())
     });
-    let consumers = |c: &mut Client| -> i64 {
-        c.query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox consumer' AND application_name = $1", &[&name])
-            .unwrap()
-            .get(0)
-    };
     c.execute("SELECT outbox.unsubscribe($1)", &[&name])
         .unwrap();
     let start = Instant::now();
     wait_for("the busy consumer to stop", Duration::from_secs(10), || {
-        (consumers(&mut c) == 0).then_some(())
+        (consumers(&mut c, &name) == 0).then_some(())
     });
     assert!(
         start.elapsed() < Duration::from_millis(1500),
@@ -658,17 +663,12 @@ fn unsubscribe_stops_within_a_second_and_resubscribe_picks_up_the_backlog() {
     let (d, _) = topic("unsub");
     let name = unique("unsub");
     subscribe(cl, &mut c, &name, &d, "record_effect(outbox.message)");
-    let consumers = |c: &mut Client| -> i64 {
-        c.query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'outbox consumer' AND application_name = $1", &[&name])
-            .unwrap()
-            .get(0)
-    };
-    assert_eq!(consumers(&mut c), 1);
+    assert_eq!(consumers(&mut c, &name), 1);
     c.execute("SELECT outbox.unsubscribe($1)", &[&name])
         .unwrap();
     let start = Instant::now();
     wait_for("the consumer to stop", Duration::from_secs(3), || {
-        (consumers(&mut c) == 0).then_some(())
+        (consumers(&mut c, &name) == 0).then_some(())
     });
     assert!(
         start.elapsed() < Duration::from_secs(1) + Duration::from_millis(300),
@@ -689,7 +689,7 @@ fn unsubscribe_stops_within_a_second_and_resubscribe_picks_up_the_backlog() {
     .unwrap();
     let start = Instant::now();
     wait_for("the consumer to start", Duration::from_secs(3), || {
-        (consumers(&mut c) == 1).then_some(())
+        (consumers(&mut c, &name) == 1).then_some(())
     });
     assert!(
         start.elapsed() < Duration::from_secs(1),
