@@ -1,40 +1,109 @@
-//! Writing an outbox row *directly*: through the table access method and
-//! the executor's index maintenance (as logical replication's apply worker
-//! writes rows), without planning or starting an INSERT statement per
-//! message — that start-up was the largest part of a trigger's cost.
+//! Writing a row *directly*: through the table access method and the
+//! executor's index maintenance (as logical replication's apply worker
+//! writes rows), without planning or starting an INSERT statement per row —
+//! that start-up was the largest part of a trigger's cost, and of a
+//! consumer's record of each message.
 //!
-//! Vocabulary: the *layout* is where each column of `outbox.published` sits
-//! and what its defaults are (the identity sequence, the `scheduled` label),
-//! looked up once per backend and forgotten when the table's relcache entry
-//! is invalidated (ALTER, DROP, a new trigger). The direct path is taken only
-//! while the table is exactly as the extension made it: no triggers, no row
-//! security, no generated or unknown columns. Otherwise the caller uses its
-//! SPI statement, which handles everything Postgres allows.
+//! Vocabulary: a *stock table* is `outbox.published` or `outbox.received`
+//! exactly as the extension made it: no triggers, no row security, no
+//! generated or unknown columns. Its *layout* is where each column sits and
+//! the label its `status` starts with, looked up once per backend and
+//! forgotten when the table's relcache entry is invalidated (ALTER, DROP, a
+//! new trigger). The direct path is taken only for a stock table; otherwise
+//! the caller uses its SPI statement, which handles everything Postgres
+//! allows.
 
 use std::cell::Cell;
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
-/// Column positions (0-based) in `outbox.published`.
-#[derive(Clone, Copy, Default)]
+/// What a stock table looks like: its columns in order of the `Spec`'s
+/// constants, each with its type (`None`: an enum), and the status label
+/// a new row gets.
+struct Spec {
+    table: &'static CStr,
+    sequence: &'static CStr,
+    columns: &'static [(&'static str, Option<pg_sys::Oid>)],
+    status: usize,
+    label: &'static CStr,
+}
+
+const MAX_COLUMNS: usize = 12;
+
+mod published {
+    use super::{Spec, pg_sys};
+    pub const MESSAGE_ID: usize = 1;
+    pub const DESTINATION: usize = 2;
+    pub const VERSION: usize = 3;
+    pub const BODY: usize = 4;
+    pub const HEADERS: usize = 5;
+    pub const RETRY: usize = 7;
+    pub const ADDED: usize = 8;
+    pub const NEXT_ATTEMPT_AT: usize = 9;
+    pub const SPEC: Spec = Spec {
+        table: c"published",
+        sequence: c"published_id_seq",
+        columns: &[
+            ("id", Some(pg_sys::INT8OID)),
+            ("message_id", Some(pg_sys::UUIDOID)),
+            ("destination", Some(pg_sys::TEXTOID)),
+            ("version", Some(pg_sys::TEXTOID)),
+            ("body", Some(pg_sys::JSONBOID)),
+            ("headers", Some(pg_sys::JSONBOID)),
+            ("status", None),
+            ("retry", Some(pg_sys::INT4OID)),
+            ("added", Some(pg_sys::TIMESTAMPTZOID)),
+            ("next_attempt_at", Some(pg_sys::TIMESTAMPTZOID)),
+            ("published_at", Some(pg_sys::TIMESTAMPTZOID)),
+            ("last_error", Some(pg_sys::TEXTOID)),
+        ],
+        status: 6,
+        label: c"scheduled",
+    };
+}
+
+mod received {
+    use super::{Spec, pg_sys};
+    pub const MESSAGE_ID: usize = 1;
+    pub const SUBSCRIPTION: usize = 2;
+    pub const DESTINATION: usize = 3;
+    pub const HEADERS: usize = 4;
+    pub const BODY: usize = 5;
+    pub const ATTEMPTS: usize = 7;
+    pub const ADDED: usize = 9;
+    pub const PROCESSED_AT: usize = 10;
+    pub const SPEC: Spec = Spec {
+        table: c"received",
+        sequence: c"received_id_seq",
+        columns: &[
+            ("id", Some(pg_sys::INT8OID)),
+            ("message_id", Some(pg_sys::TEXTOID)),
+            ("subscription", Some(pg_sys::TEXTOID)),
+            ("destination", Some(pg_sys::TEXTOID)),
+            ("headers", Some(pg_sys::JSONBOID)),
+            ("body", Some(pg_sys::JSONBOID)),
+            ("status", None),
+            ("attempts", Some(pg_sys::INT4OID)),
+            ("last_error", Some(pg_sys::TEXTOID)),
+            ("added", Some(pg_sys::TIMESTAMPTZOID)),
+            ("processed_at", Some(pg_sys::TIMESTAMPTZOID)),
+        ],
+        status: 6,
+        label: c"consumed",
+    };
+}
+
+/// Where a stock table's columns sit (`at[c]`: the attribute index of the
+/// Spec's column `c`).
+#[derive(Clone, Copy)]
 struct Layout {
     relid: pg_sys::Oid,
     natts: usize,
     sequence: pg_sys::Oid,
-    /// The `scheduled` label's OID (an enum datum).
-    scheduled: pg_sys::Oid,
-    id: usize,
-    message_id: usize,
-    destination: usize,
-    version: usize,
-    body: usize,
-    headers: usize,
-    status: usize,
-    retry: usize,
-    added: usize,
-    next_attempt_at: usize,
-    published_at: usize,
-    last_error: usize,
+    /// The status label's OID (an enum datum).
+    label: pg_sys::Oid,
+    at: [usize; MAX_COLUMNS],
 }
 
 #[derive(Clone, Copy)]
@@ -43,16 +112,19 @@ enum Known {
     Unknown,
     /// The table is not as the extension made it: use SPI.
     Unsupported,
-    Direct(Layout),
+    Stock(Layout),
 }
 
+const TABLES: usize = 2;
+
 thread_local! {
-    static LAYOUT: Cell<Known> = const { Cell::new(Known::Unknown) };
+    /// Per table: 0 `outbox.published`, 1 `outbox.received`.
+    static LAYOUTS: [Cell<Known>; TABLES] = const { [Cell::new(Known::Unknown), Cell::new(Known::Unknown)] };
     static CALLBACK: Cell<bool> = const { Cell::new(false) };
 }
 
-/// One row's values; `None` for SQL NULL.
-pub struct Values {
+/// An outbox row's values; `None` for SQL NULL.
+pub struct Published {
     pub message_id: pg_sys::Datum,
     pub destination: pg_sys::Datum,
     pub version: Option<pg_sys::Datum>,
@@ -62,37 +134,110 @@ pub struct Values {
     pub delay: Option<pg_sys::Datum>,
 }
 
-/// Inserts the row directly; false (nothing done) when the table is not
-/// as the extension made it. The caller runs as the table's owner.
-pub fn insert(v: &Values) -> bool {
+/// Inserts an outbox row (`scheduled`, due now or after the delay); false
+/// (nothing done) when the table is not stock. The caller runs as the
+/// table's owner.
+pub fn insert_published(v: &Published) -> bool {
+    write(0, &published::SPEC, |row| unsafe {
+        let now = pg_sys::GetCurrentTransactionStartTimestamp();
+        row.set(published::MESSAGE_ID, v.message_id);
+        row.set(published::DESTINATION, v.destination);
+        if let Some(version) = v.version {
+            row.set(published::VERSION, version);
+        }
+        row.set(published::BODY, v.body);
+        row.set(published::HEADERS, v.headers);
+        row.set(published::RETRY, pg_sys::Datum::from(0i32));
+        row.set(published::ADDED, pg_sys::Datum::from(now));
+        let next = match v.delay {
+            None => pg_sys::Datum::from(now),
+            Some(delay) => pgrx::direct_function_call_as_datum(
+                pg_sys::timestamptz_pl_interval,
+                &[Some(pg_sys::Datum::from(now)), Some(delay)],
+            )
+            .expect("timestamptz + interval returns a value"),
+        };
+        row.set(published::NEXT_ATTEMPT_AT, next);
+    })
+}
+
+/// An inbox row's values.
+pub struct Received {
+    pub message_id: pg_sys::Datum,
+    pub subscription: pg_sys::Datum,
+    pub destination: pg_sys::Datum,
+    pub headers: pg_sys::Datum,
+    pub body: pg_sys::Datum,
+}
+
+/// Inserts an inbox row as a first, successful attempt (`consumed`,
+/// attempts 1, processed now); false (nothing done) when the table is not
+/// stock. A message id recorded before is a unique violation (SQLSTATE
+/// 23505) — after waiting, as any insert does, for a transaction that is
+/// recording it at the same moment.
+pub fn insert_received(v: &Received) -> bool {
+    write(1, &received::SPEC, |row| unsafe {
+        row.set(received::MESSAGE_ID, v.message_id);
+        row.set(received::SUBSCRIPTION, v.subscription);
+        row.set(received::DESTINATION, v.destination);
+        row.set(received::HEADERS, v.headers);
+        row.set(received::BODY, v.body);
+        row.set(received::ATTEMPTS, pg_sys::Datum::from(1i32));
+        row.set(
+            received::ADDED,
+            pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
+        );
+        row.set(
+            received::PROCESSED_AT,
+            pg_sys::Datum::from(pg_sys::GetCurrentTimestamp()),
+        );
+    })
+}
+
+/// A row being filled: columns named by a Spec's constants; those not set
+/// are NULL.
+struct Row<'a> {
+    values: &'a mut [pg_sys::Datum],
+    nulls: &'a mut [bool],
+    at: &'a [usize; MAX_COLUMNS],
+}
+
+impl Row<'_> {
+    fn set(&mut self, column: usize, d: pg_sys::Datum) {
+        self.values[self.at[column]] = d;
+        self.nulls[self.at[column]] = false;
+    }
+}
+
+fn write(table: usize, spec: &Spec, fill: impl FnOnce(&mut Row)) -> bool {
     // PostgreSQL 13's executor API differs (and the version is past its end
     // of life): it keeps the SPI statement.
     if cfg!(feature = "pg13") {
         return false;
     }
-    let layout = match LAYOUT.with(|l| l.get()) {
-        Known::Direct(l) => l,
+    let layout = match LAYOUTS.with(|l| l[table].get()) {
+        Known::Stock(l) => l,
         Known::Unsupported => return false,
         Known::Unknown => {
-            let known = unsafe { look_up() };
-            LAYOUT.with(|l| l.set(known));
+            let known = unsafe { look_up(spec) };
+            LAYOUTS.with(|l| l[table].set(known));
             match known {
-                Known::Direct(l) => l,
-                _ => return false,
+                Known::Stock(l) => l,
+                Known::Unsupported | Known::Unknown => return false,
             }
         }
     };
     #[cfg(not(feature = "pg13"))]
     unsafe {
-        insert_with(&layout, v)
+        insert_with(&layout, spec, fill)
     };
     #[cfg(feature = "pg13")]
-    let _ = (layout, v);
+    let _ = (layout, fill);
     true
 }
 
 #[cfg(not(feature = "pg13"))]
-unsafe fn insert_with(l: &Layout, v: &Values) {
+unsafe fn insert_with(l: &Layout, spec: &Spec, fill: impl FnOnce(&mut Row)) {
     unsafe {
         let rel = pg_sys::table_open(l.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let estate = pg_sys::CreateExecutorState();
@@ -105,42 +250,23 @@ unsafe fn insert_with(l: &Layout, v: &Values) {
         pg_sys::ExecOpenIndices(rri, false);
         let slot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
         pg_sys::ExecClearTuple(slot);
-        let values = std::slice::from_raw_parts_mut((*slot).tts_values, l.natts);
-        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, l.natts);
-        nulls.fill(true);
-        let mut set = |at: usize, d: pg_sys::Datum| {
-            values[at] = d;
-            nulls[at] = false;
+        let mut row = Row {
+            values: std::slice::from_raw_parts_mut((*slot).tts_values, l.natts),
+            nulls: std::slice::from_raw_parts_mut((*slot).tts_isnull, l.natts),
+            at: &l.at,
         };
-        let now = pg_sys::GetCurrentTransactionStartTimestamp();
-        set(
-            l.id,
+        row.nulls.fill(true);
+        // Column 0 of every stock table is its identity.
+        row.set(
+            0,
             pgrx::direct_function_call_as_datum(
                 pg_sys::nextval_oid,
                 &[Some(pg_sys::Datum::from(l.sequence))],
             )
             .expect("nextval returns a value"),
         );
-        set(l.message_id, v.message_id);
-        set(l.destination, v.destination);
-        if let Some(version) = v.version {
-            set(l.version, version);
-        }
-        set(l.body, v.body);
-        set(l.headers, v.headers);
-        set(l.status, pg_sys::Datum::from(l.scheduled));
-        set(l.retry, pg_sys::Datum::from(0i32));
-        set(l.added, pg_sys::Datum::from(now));
-        let next = match v.delay {
-            None => pg_sys::Datum::from(now),
-            Some(delay) => pgrx::direct_function_call_as_datum(
-                pg_sys::timestamptz_pl_interval,
-                &[Some(pg_sys::Datum::from(now)), Some(delay)],
-            )
-            .expect("timestamptz + interval returns a value"),
-        };
-        set(l.next_attempt_at, next);
-        let _ = (l.published_at, l.last_error); // NULL
+        row.set(spec.status, pg_sys::Datum::from(l.label));
+        fill(&mut row);
         pg_sys::ExecStoreVirtualTuple(slot);
         pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
         pg_sys::ExecCloseIndices(rri);
@@ -150,22 +276,22 @@ unsafe fn insert_with(l: &Layout, v: &Values) {
     }
 }
 
-/// Reads the table's columns and checks that the direct path may be used.
-unsafe fn look_up() -> Known {
+/// Reads the table's columns and checks that it is stock.
+unsafe fn look_up(spec: &Spec) -> Known {
     unsafe {
         if !CALLBACK.with(|c| c.replace(true)) {
             pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0));
         }
         let nsp = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
-        let relid = pg_sys::get_relname_relid(c"published".as_ptr(), nsp);
-        let sequence = pg_sys::get_relname_relid(c"published_id_seq".as_ptr(), nsp);
+        let relid = pg_sys::get_relname_relid(spec.table.as_ptr(), nsp);
+        let sequence = pg_sys::get_relname_relid(spec.sequence.as_ptr(), nsp);
         if relid == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
             return Known::Unsupported;
         }
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let form = &*(*rel).rd_rel;
         let desc = (*rel).rd_att;
-        let plain = form.relkind as u8 == pg_sys::RELKIND_RELATION
+        let mut ok = form.relkind as u8 == pg_sys::RELKIND_RELATION
             && !form.relhastriggers
             && (*rel).trigdesc.is_null()
             && !form.relrowsecurity
@@ -175,53 +301,40 @@ unsafe fn look_up() -> Known {
             relid,
             natts,
             sequence,
-            ..Layout::default()
+            label: pg_sys::InvalidOid,
+            at: [0; MAX_COLUMNS],
         };
         let mut found = 0;
-        let mut ok = plain;
         for (i, att) in (*desc).attrs.as_slice(natts).iter().enumerate() {
             if att.attisdropped {
                 continue;
             }
-            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
-            let (slot, typ) = match name {
-                b"id" => (&mut l.id, pg_sys::INT8OID),
-                b"message_id" => (&mut l.message_id, pg_sys::UUIDOID),
-                b"destination" => (&mut l.destination, pg_sys::TEXTOID),
-                b"version" => (&mut l.version, pg_sys::TEXTOID),
-                b"body" => (&mut l.body, pg_sys::JSONBOID),
-                b"headers" => (&mut l.headers, pg_sys::JSONBOID),
-                b"status" => (&mut l.status, att.atttypid),
-                b"retry" => (&mut l.retry, pg_sys::INT4OID),
-                b"added" => (&mut l.added, pg_sys::TIMESTAMPTZOID),
-                b"next_attempt_at" => (&mut l.next_attempt_at, pg_sys::TIMESTAMPTZOID),
-                b"published_at" => (&mut l.published_at, pg_sys::TIMESTAMPTZOID),
-                b"last_error" => (&mut l.last_error, pg_sys::TEXTOID),
-                _ => {
-                    ok = false;
-                    continue;
-                }
-            };
-            ok &= att.atttypid == typ;
-            *slot = i;
-            found += 1;
-            if name == b"status" && !pg_sys::type_is_enum(att.atttypid) {
+            let name = CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
+            let Some(c) = spec.columns.iter().position(|(n, _)| n.as_bytes() == name) else {
                 ok = false;
-            } else if name == b"status" {
-                let label = pgrx::direct_function_call_as_datum(
-                    pg_sys::enum_in,
-                    &[
-                        Some(pg_sys::Datum::from(c"scheduled".as_ptr())),
-                        Some(pg_sys::Datum::from(att.atttypid)),
-                    ],
-                )
-                .expect("enum_in returns a value");
-                l.scheduled = pg_sys::Oid::from(label.value() as u32);
+                continue;
+            };
+            l.at[c] = i;
+            found += 1;
+            match spec.columns[c].1 {
+                Some(typ) => ok &= att.atttypid == typ,
+                None if !pg_sys::type_is_enum(att.atttypid) => ok = false,
+                None => {
+                    let label = pgrx::direct_function_call_as_datum(
+                        pg_sys::enum_in,
+                        &[
+                            Some(pg_sys::Datum::from(spec.label.as_ptr())),
+                            Some(pg_sys::Datum::from(att.atttypid)),
+                        ],
+                    )
+                    .expect("enum_in returns a value");
+                    l.label = pg_sys::Oid::from(label.value() as u32);
+                }
             }
         }
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        if ok && found == 12 {
-            Known::Direct(l)
+        if ok && found == spec.columns.len() {
+            Known::Stock(l)
         } else {
             Known::Unsupported
         }
@@ -231,14 +344,16 @@ unsafe fn look_up() -> Known {
 /// Relcache invalidation: look again before the next row.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    LAYOUT.with(|l| {
-        let stale = match l.get() {
-            Known::Direct(layout) => relid == pg_sys::InvalidOid || relid == layout.relid,
-            Known::Unsupported => true,
-            Known::Unknown => false,
-        };
-        if stale {
-            l.set(Known::Unknown);
+    LAYOUTS.with(|layouts| {
+        for l in layouts {
+            let stale = match l.get() {
+                Known::Stock(layout) => relid == pg_sys::InvalidOid || relid == layout.relid,
+                Known::Unsupported => true,
+                Known::Unknown => false,
+            };
+            if stale {
+                l.set(Known::Unknown);
+            }
         }
     });
 }

@@ -114,7 +114,7 @@ pub fn write(m: &Message) -> uuid::Uuid {
         let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
         pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
         pg_sys::SetUserIdAndSecContext(owner(), sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        let direct = crate::direct::insert(&crate::direct::Values {
+        let direct = crate::direct::insert_published(&crate::direct::Published {
             message_id: values[0],
             destination: values[1],
             version: m.version.is_some().then_some(values[2]),

@@ -12,7 +12,12 @@ pub fn object(pairs: &[(&str, Cow<str>)]) -> pg_sys::Datum {
     unsafe {
         let mut state: *mut pg_sys::JsonbParseState = std::ptr::null_mut();
         pg_sys::pushJsonbValue(&mut state, WJB_BEGIN_OBJECT, std::ptr::null_mut());
-        for (name, value) in pairs {
+        // In jsonb's key order (shorter first, then bytewise): Postgres
+        // sorts the keys at the end, and its sort returns at once on
+        // input already in order.
+        let mut sorted: Vec<&(&str, Cow<str>)> = pairs.iter().collect();
+        sorted.sort_by(|(a, _), (b, _)| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        for (name, value) in sorted {
             // pushJsonbValue keeps pointers to the bytes; JsonbValueToJsonb
             // copies them, while `pairs` is still borrowed.
             pg_sys::pushJsonbValue(&mut state, WJB_KEY, &mut string(name));

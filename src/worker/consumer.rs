@@ -15,6 +15,7 @@
 //! *dead-lettered* (NACK `requeue:false` → `DLQ.<queue>`); one that returns
 //! false is *discarded* (its work rolled back, dead-lettered).
 
+use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
@@ -523,7 +524,9 @@ impl Consumer {
         };
         // Parsed once, used by the record and by the callback.
         let (headers, body) = (crate::jsonb::object(&pairs(headers)), jsonb(body));
-        let Some(attempts) = record(id, sub, destination, headers, body) else {
+        // A plain run writes the row directly: a message id recorded before
+        // fails the run, and the careful run's statement sorts it out.
+        let Some(attempts) = record(id, sub, destination, headers, body, !careful) else {
             return Verdict::Ack; // consumed or discarded before: the effect happened once
         };
         let call = || {
@@ -573,29 +576,27 @@ impl Consumer {
     }
 }
 
-/// A MESSAGE's parts as the inbox stores them.
-struct Prepared {
+/// A MESSAGE's parts as the inbox stores them, borrowed from the frame
+/// where they need no change.
+struct Prepared<'a> {
     id: String,
-    destination: String,
-    headers: Vec<(String, String)>,
+    destination: &'a str,
+    headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// None: not JSON that jsonb accepts (the message is dead-lettered).
-    body: Option<String>,
+    body: Option<&'a str>,
     redelivered: bool,
 }
 
-impl Prepared {
-    fn new(m: &Frame) -> Prepared {
+impl Prepared<'_> {
+    fn new(m: &Frame) -> Prepared<'_> {
         // Valid JSON that jsonb also accepts (jsonb has no \u0000): a body
         // Postgres would refuse must not make the worker fail over and over.
-        let body = std::str::from_utf8(&m.body)
-            .ok()
-            .filter(|b| {
-                !b.contains("\\u0000") && serde_json::from_str::<serde::de::IgnoredAny>(b).is_ok()
-            })
-            .map(str::to_string);
+        let body = std::str::from_utf8(&m.body).ok().filter(|b| {
+            !b.contains("\\u0000") && serde_json::from_str::<serde::de::IgnoredAny>(b).is_ok()
+        });
         Prepared {
             id: message_id(m),
-            destination: m.get("destination").unwrap_or_default().to_string(),
+            destination: m.get("destination").unwrap_or_default(),
             headers: stored_headers(m),
             body,
             redelivered: m.get("redelivered") == Some("true"),
@@ -689,9 +690,15 @@ fn jsonb(text: &str) -> pg_sys::Datum {
 /// The MESSAGE's headers as the inbox stores them: each name once (the
 /// first of repeated names, as STOMP 1.2 reads them); NUL, which STOMP
 /// allows and jsonb does not, becomes U+FFFD.
-fn stored_headers(m: &Frame) -> Vec<(String, String)> {
-    let clean = |s: &str| s.replace('\0', "\u{FFFD}");
-    let mut seen = std::collections::HashSet::new();
+fn stored_headers(m: &Frame) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+    fn clean(s: &str) -> Cow<'_, str> {
+        if s.contains('\0') {
+            Cow::Owned(s.replace('\0', "\u{FFFD}"))
+        } else {
+            Cow::Borrowed(s)
+        }
+    }
+    let mut seen = std::collections::HashSet::with_capacity(m.headers.len());
     m.headers
         .iter()
         .map(|(k, v)| (clean(k), v))
@@ -701,10 +708,10 @@ fn stored_headers(m: &Frame) -> Vec<(String, String)> {
 }
 
 /// Stored headers as borrowed pairs, for `jsonb::object` and `headers::to_json`.
-fn pairs(headers: &[(String, String)]) -> Vec<(&str, std::borrow::Cow<'_, str>)> {
+fn pairs<'a>(headers: &'a [(Cow<'_, str>, Cow<'_, str>)]) -> Vec<(&'a str, Cow<'a, str>)> {
     headers
         .iter()
-        .map(|(k, v)| (k.as_str(), std::borrow::Cow::Borrowed(v.as_str())))
+        .map(|(k, v)| (k.as_ref(), Cow::Borrowed(v.as_ref())))
         .collect()
 }
 
@@ -726,12 +733,17 @@ thread_local! {
 /// must run (new, or failed before), None when it was consumed or
 /// discarded already. The row says `consumed` unless the callback's
 /// outcome changes it (`finish`), so success costs no second write.
+///
+/// `direct`: insert the row without a statement (see `direct`) where the
+/// table allows it; an id recorded before then raises a unique violation
+/// instead of being looked at.
 fn record(
     id: &str,
     sub: &Subscription,
     destination: &str,
     headers: pg_sys::Datum,
     body: pg_sys::Datum,
+    direct: bool,
 ) -> Option<i32> {
     let text = |s: &str| unsafe {
         pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
@@ -739,6 +751,19 @@ fn record(
             s.len() as i32,
         ))
     };
+    if direct
+        && crate::direct::insert_received(&crate::direct::Received {
+            message_id: text(id),
+            subscription: text(&sub.name),
+            destination: text(destination),
+            headers,
+            body,
+        })
+    {
+        // As after a statement: the callback's own statements see the row.
+        unsafe { pg_sys::CommandCounterIncrement() };
+        return Some(1);
+    }
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("outbox consumer: could not connect to SPI");

@@ -209,6 +209,120 @@ fn the_same_message_id_takes_effect_once_even_concurrently() {
     }
 }
 
+/// The inbox row goes in directly while `outbox.received` is as the
+/// extension made it, and through the INSERT statement once it is not (a
+/// trigger on it fires, a column added with a default gets it); back again
+/// when they are gone. Either way the callback sees its message's row, the
+/// row holds what the statement would have written, and an id repeated
+/// within one batch (a unique violation on the direct path) takes effect
+/// once.
+#[test]
+fn the_inbox_row_honours_what_is_added_to_the_table() {
+    let _b = broker::shared_broker();
+    let cl = Cluster::start(SETTINGS);
+    let mut c = cl.client();
+    c.batch_execute(
+        "CREATE TABLE effects (message_id text, body jsonb, row_seen boolean);
+         CREATE FUNCTION look(m outbox.message) RETURNS void LANGUAGE sql AS
+           $$ INSERT INTO effects SELECT m.message_id, m.body,
+                EXISTS (SELECT 1 FROM outbox.received r WHERE r.message_id = m.message_id) $$;
+         CREATE TABLE seen (message_id text);
+         CREATE FUNCTION note_row() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO seen VALUES (NEW.message_id); RETURN NEW; END $$;",
+    )
+    .unwrap();
+    let (d, _) = topic("shape");
+    let name = unique("shape");
+    subscribe(&cl, &mut c, &name, &d, "look(outbox.message)");
+    // Sends `ids` (each once, repeats included) in one go and waits for the
+    // last one's effect.
+    let send = |c: &mut Client, round: i32, ids: &[&str]| {
+        let bodies: Vec<String> = (0..ids.len())
+            .map(|i| format!(r#"{{"round": {round}, "i": {i}}}"#))
+            .collect();
+        let headers: Vec<[(&str, &str); 1]> = ids.iter().map(|id| [("cap-msg-id", *id)]).collect();
+        let messages: Vec<(&[(&str, &str)], &str)> = headers
+            .iter()
+            .zip(&bodies)
+            .map(|(h, b)| (&h[..], b.as_str()))
+            .collect();
+        send_raw(&d, &messages);
+        let last = *ids.last().expect("some ids");
+        wait_for("the round's last effect", Duration::from_secs(20), || {
+            c.query_opt("SELECT 1 FROM effects WHERE message_id = $1", &[&last])
+                .unwrap()
+                .map(|_| ())
+        });
+    };
+    let check = |c: &mut Client, round: i32, ids: &[&str], noted: bool| {
+        for id in ids {
+            let ok: bool = c
+                .query_one(
+                    "SELECT r.id > 0 AND r.status = 'consumed' AND r.attempts = 1 AND r.subscription = $2
+                            AND r.destination = $3 AND r.headers->>'cap-msg-id' = r.message_id
+                            AND (r.body->>'round')::int = $4 AND r.last_error IS NULL
+                            AND r.added > now() - interval '1 minute' AND r.processed_at >= r.added
+                            AND (SELECT bool_and(row_seen) FROM effects e WHERE e.message_id = r.message_id)
+                            AND (SELECT count(*) FROM effects e WHERE e.message_id = r.message_id) = 1
+                     FROM outbox.received r WHERE r.message_id = $1",
+                    &[id, &name, &d, &round],
+                )
+                .unwrap()
+                .get(0);
+            assert!(ok, "round {round}: row and effect of {id}");
+            let in_seen: bool = c
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM seen WHERE message_id = $1)",
+                    &[id],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                in_seen, noted,
+                "round {round}: the table's trigger fired for {id}"
+            );
+        }
+    };
+
+    // Stock: one batch holding an id twice, and an id consumed before.
+    send(&mut c, 1, &["a1", "a2", "a1", "a3"]);
+    send(&mut c, 1, &["a2", "a4"]);
+    check(&mut c, 1, &["a1", "a2", "a3", "a4"], false);
+
+    c.batch_execute(
+        "CREATE TRIGGER note AFTER INSERT ON outbox.received FOR EACH ROW EXECUTE FUNCTION note_row();
+         ALTER TABLE outbox.received ADD COLUMN tenant text DEFAULT 'acme';",
+    )
+    .unwrap();
+    send(&mut c, 2, &["b1", "b2", "b1", "a4", "b3"]);
+    check(&mut c, 2, &["b1", "b2", "b3"], true);
+    let tenants: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.received WHERE tenant = 'acme' AND message_id LIKE 'b%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tenants, 3, "the new column's default");
+
+    c.batch_execute(
+        "DROP TRIGGER note ON outbox.received; ALTER TABLE outbox.received DROP COLUMN tenant;",
+    )
+    .unwrap();
+    send(&mut c, 3, &["c1", "c2", "b2", "c3"]);
+    check(&mut c, 3, &["c1", "c2", "c3"], false);
+    let (rows, effects): (i64, i64) = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM outbox.received), (SELECT count(*) FROM effects)",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((rows, effects), (10, 10), "each id once");
+    c.execute("SELECT outbox.unsubscribe($1)", &[&name])
+        .unwrap();
+}
+
 /// Two subscriptions whose queues hold the same ids in opposite orders,
 /// each consumer recording its whole backlog in one transaction with a
 /// slow callback: their batches wait on each other (a deadlock Postgres
