@@ -37,6 +37,17 @@ const TICK: Duration = Duration::from_millis(500);
 /// Most messages handled in one transaction.
 const MAX_BATCH: usize = 100;
 
+/// While messages stream in, a batch that is not full waits this long for
+/// the next one (and at most `LINGER_MAX` in all): a consumer faster than
+/// its broker would otherwise handle a few messages per transaction,
+/// paying a commit, an ACK write and the callback's planning for each.
+/// Messages *stream* when the last batch held more than one and ended
+/// less than `STREAMING` ago; a message after a quiet spell, or in a
+/// trickle, does not wait.
+const LINGER: Duration = Duration::from_millis(1);
+const LINGER_MAX: Duration = Duration::from_millis(2);
+const STREAMING: Duration = Duration::from_millis(10);
+
 /// Messages per batch: half the prefetch, so that while one batch runs the
 /// broker already refills what the previous batch's ACKs freed (a batch as
 /// large as the prefetch would leave the broker waiting after each).
@@ -198,6 +209,8 @@ struct Consumer {
     message_type: pg_sys::Oid,
     /// Messages per batch, from the prefetch the last SUBSCRIBE asked for.
     batch: usize,
+    /// When the last batch was handled, and its size.
+    last_batch: Option<(Instant, usize)>,
 }
 
 impl Consumer {
@@ -231,6 +244,7 @@ impl Consumer {
             finfo,
             message_type,
             batch: 1,
+            last_batch: None,
         }
     }
 
@@ -329,7 +343,8 @@ impl Consumer {
     }
 
     /// Handles the messages already received, a *batch* at a time: the
-    /// messages the socket holds (up to `self.batch`) share one transaction, so a
+    /// messages the socket holds (up to `self.batch`; while they stream, also
+    /// those arriving within a `LINGER`) share one transaction, so a
     /// busy queue costs one commit per batch, not per message; ACKs/NACKs
     /// go out after the commit. Returns within about a TICK even while the
     /// queue stays full, so that signals and unsubscribes are seen.
@@ -339,8 +354,17 @@ impl Consumer {
         let started = Instant::now();
         loop {
             let conn = self.link.conn.as_mut().expect("connected");
+            let streaming = self
+                .last_batch
+                .is_some_and(|(t, n)| n > 1 && t.elapsed() < STREAMING);
+            let filling = Instant::now();
             while pending.len() < self.batch {
-                match conn.read_frame(Duration::ZERO)? {
+                let wait = if streaming && !pending.is_empty() && filling.elapsed() < LINGER_MAX {
+                    LINGER
+                } else {
+                    Duration::ZERO
+                };
+                match conn.read_frame(wait)? {
                     Some(f) if f.command == Command::Message => pending.push_back(f),
                     Some(_) => {}
                     None => break,
@@ -357,6 +381,7 @@ impl Consumer {
                 *verdicts.last_mut().expect("not empty") = self.handle(&m);
             }
             let leave = matches!(verdicts.last(), Some(Verdict::Leave));
+            let handled_now = verdicts.len();
             for verdict in verdicts {
                 let m = pending.pop_front().expect("a verdict per message");
                 let ack = m
@@ -376,6 +401,7 @@ impl Consumer {
             }
             let conn = self.link.conn.as_mut().expect("connected");
             conn.flush()?;
+            self.last_batch = Some((Instant::now(), handled_now));
             if leave {
                 // Terminating: the rest is delivered again after we leave.
                 break;
