@@ -145,7 +145,8 @@ sends the same frames (same headers and bodies) with the project's STOMP client,
 `outbox.batch_size` with one receipt per frame, no database.\n\
 - latency: commit of `outbox.publish()` to a subscriber receiving it, one message at a time.\n\
 - consume: messages already queued, to a SQL callback that inserts a row, timed from the first callback's effect \
-to the last (the worker's start is not counted, as the raw consumer connects before its clock starts); the raw \
+to the last (the worker's start is not counted, as the raw consumer connects before its clock starts; the end is \
+the last message's inbox row, probed by its index, and every effect is then counted once); the raw \
 baseline consumes the same number from a queue with the same prefetch and one ACK per message.\n\
 - idle CPU: the publisher's user+system CPU time over 10 s with nothing to do.\n\
 - backlog: drain rate of a large backlog against a small one, both to a topic nobody subscribes to (the broker \
