@@ -11,7 +11,13 @@
 //! forgotten when the table's relcache entry is invalidated (ALTER, DROP, a
 //! new trigger). The direct path is taken only for a stock table; otherwise
 //! the caller uses its SPI statement, which handles everything Postgres
-//! allows.
+//! allows. The layout is read after the table's lock is taken (which
+//! applies invalidations) and checked against the open relation. The
+//! values a direct row gets where the statement would use a column default
+//! (`added`, `attempts`, `retry`) are the defaults the extension gave them.
+
+// PostgreSQL 13 keeps the statement: the direct path is compiled out.
+#![cfg_attr(feature = "pg13", allow(dead_code))]
 
 use std::cell::Cell;
 use std::ffi::CStr;
@@ -110,8 +116,8 @@ struct Layout {
 enum Known {
     /// Not looked up (or invalidated).
     Unknown,
-    /// The table is not as the extension made it: use SPI.
-    Unsupported,
+    /// The table (this relation) is not as the extension made it: use SPI.
+    Unsupported(pg_sys::Oid),
     Stock(Layout),
 }
 
@@ -215,32 +221,66 @@ fn write(table: usize, spec: &Spec, fill: impl FnOnce(&mut Row)) -> bool {
     if cfg!(feature = "pg13") {
         return false;
     }
-    let layout = match LAYOUTS.with(|l| l[table].get()) {
-        Known::Stock(l) => l,
-        Known::Unsupported => return false,
-        Known::Unknown => {
-            let known = unsafe { look_up(spec) };
-            LAYOUTS.with(|l| l[table].set(known));
-            match known {
-                Known::Stock(l) => l,
-                Known::Unsupported | Known::Unknown => return false,
+    let known = || LAYOUTS.with(|l| l[table].get());
+    let relid = match known() {
+        Known::Stock(l) => l.relid,
+        Known::Unsupported(_) => return false,
+        Known::Unknown => unsafe {
+            let nsp = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+            pg_sys::get_relname_relid(spec.table.as_ptr(), nsp)
+        },
+    };
+    if relid == pg_sys::InvalidOid {
+        return false;
+    }
+    unsafe {
+        // Taking the lock applies pending invalidations (an ALTER that
+        // committed while we waited forgets the layout): the layout is
+        // read only now, and checked against the open relation.
+        let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            // Dropped since: the statement reports it as Postgres would.
+            LAYOUTS.with(|l| l[table].set(Known::Unknown));
+            return false;
+        }
+        let layout = match known() {
+            Known::Stock(l) if l.relid == relid => Some(l),
+            Known::Unsupported(_) => None,
+            Known::Stock(_) | Known::Unknown => {
+                let k = look_up(rel, spec);
+                LAYOUTS.with(|l| l[table].set(k));
+                match k {
+                    Known::Stock(l) => Some(l),
+                    _ => None,
+                }
+            }
+        };
+        let current =
+            |l: &Layout| (*(*rel).rd_att).natts as usize == l.natts && (*rel).trigdesc.is_null();
+        match layout {
+            Some(l) if current(&l) => {
+                #[cfg(not(feature = "pg13"))]
+                insert_with(rel, &l, spec, fill);
+                #[cfg(feature = "pg13")]
+                let _ = fill;
+                pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+                true
+            }
+            _ => {
+                // The statement takes the same lock again: keep it.
+                pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+                false
             }
         }
-    };
-    #[cfg(not(feature = "pg13"))]
-    unsafe {
-        insert_with(&layout, spec, fill)
-    };
-    #[cfg(feature = "pg13")]
-    let _ = (layout, fill);
-    true
+    }
 }
 
 #[cfg(not(feature = "pg13"))]
-unsafe fn insert_with(l: &Layout, spec: &Spec, fill: impl FnOnce(&mut Row)) {
+unsafe fn insert_with(rel: pg_sys::Relation, l: &Layout, spec: &Spec, fill: impl FnOnce(&mut Row)) {
     unsafe {
-        let rel = pg_sys::table_open(l.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let estate = pg_sys::CreateExecutorState();
+        // Everything below lives as long as the executor state.
+        let caller = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
         let rri =
             pg_sys::palloc0(size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
@@ -271,28 +311,28 @@ unsafe fn insert_with(l: &Layout, spec: &Spec, fill: impl FnOnce(&mut Row)) {
         pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
         pg_sys::ExecCloseIndices(rri);
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        pg_sys::MemoryContextSwitchTo(caller);
         pg_sys::FreeExecutorState(estate);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
 }
 
-/// Reads the table's columns and checks that it is stock.
-unsafe fn look_up(spec: &Spec) -> Known {
+/// Reads the open table's columns and checks that it is stock.
+unsafe fn look_up(rel: pg_sys::Relation, spec: &Spec) -> Known {
     unsafe {
         if !CALLBACK.with(|c| c.replace(true)) {
             pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0));
         }
-        let nsp = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
-        let relid = pg_sys::get_relname_relid(spec.table.as_ptr(), nsp);
-        let sequence = pg_sys::get_relname_relid(spec.sequence.as_ptr(), nsp);
-        if relid == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
-            return Known::Unsupported;
+        let relid = (*rel).rd_id;
+        let sequence =
+            pg_sys::get_relname_relid(spec.sequence.as_ptr(), (*(*rel).rd_rel).relnamespace);
+        if sequence == pg_sys::InvalidOid {
+            return Known::Unsupported(relid);
         }
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let form = &*(*rel).rd_rel;
         let desc = (*rel).rd_att;
+        // No trigger descriptor: no triggers now (`relhastriggers` stays set
+        // after the last one is dropped, until a VACUUM).
         let mut ok = form.relkind as u8 == pg_sys::RELKIND_RELATION
-            && !form.relhastriggers
             && (*rel).trigdesc.is_null()
             && !form.relrowsecurity
             && ((*desc).constr.is_null() || !(*(*desc).constr).has_generated_stored);
@@ -316,6 +356,10 @@ unsafe fn look_up(spec: &Spec) -> Known {
             };
             l.at[c] = i;
             found += 1;
+            // The identity is the extension's (GENERATED ALWAYS).
+            if c == 0 && att.attidentity as u8 != pg_sys::ATTRIBUTE_IDENTITY_ALWAYS {
+                ok = false;
+            }
             match spec.columns[c].1 {
                 Some(typ) => ok &= att.atttypid == typ,
                 None if !pg_sys::type_is_enum(att.atttypid) => ok = false,
@@ -332,26 +376,26 @@ unsafe fn look_up(spec: &Spec) -> Known {
                 }
             }
         }
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if ok && found == spec.columns.len() {
             Known::Stock(l)
         } else {
-            Known::Unsupported
+            Known::Unsupported(relid)
         }
     }
 }
 
-/// Relcache invalidation: look again before the next row.
+/// Relcache invalidation of the table (or of all relations): look again
+/// before the next row.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     LAYOUTS.with(|layouts| {
         for l in layouts {
-            let stale = match l.get() {
-                Known::Stock(layout) => relid == pg_sys::InvalidOid || relid == layout.relid,
-                Known::Unsupported => true,
-                Known::Unknown => false,
+            let known = match l.get() {
+                Known::Stock(layout) => layout.relid,
+                Known::Unsupported(known) => known,
+                Known::Unknown => continue,
             };
-            if stale {
+            if relid == pg_sys::InvalidOid || relid == known {
                 l.set(Known::Unknown);
             }
         }

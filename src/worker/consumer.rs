@@ -211,6 +211,10 @@ struct Consumer {
     batch: usize,
     /// When the last batch was handled, and its size.
     last_batch: Option<(Instant, usize)>,
+    /// The current batch met a message id recorded before ...
+    met_recorded: std::cell::Cell<bool>,
+    /// ... and so the next one's plain run records with the statement.
+    plain_direct: std::cell::Cell<bool>,
 }
 
 impl Consumer {
@@ -245,6 +249,8 @@ impl Consumer {
             message_type,
             batch: 1,
             last_batch: None,
+            met_recorded: std::cell::Cell::new(false),
+            plain_direct: std::cell::Cell::new(true),
         }
     }
 
@@ -359,7 +365,8 @@ impl Consumer {
                 .is_some_and(|(t, n)| n > 1 && t.elapsed() < STREAMING);
             let filling = Instant::now();
             while pending.len() < self.batch {
-                let wait = if streaming && !pending.is_empty() && filling.elapsed() < LINGER_MAX {
+                let left = LINGER_MAX.saturating_sub(filling.elapsed());
+                let wait = if streaming && !pending.is_empty() && left >= LINGER {
                     LINGER
                 } else {
                     Duration::ZERO
@@ -480,6 +487,7 @@ impl Consumer {
     /// recording the same ids in another order, say), the messages are
     /// handled one transaction each.
     fn batch(&mut self, messages: &[Frame]) -> Vec<Verdict> {
+        self.plain_direct.set(!self.met_recorded.replace(false));
         let prepared: Vec<Prepared> = messages.iter().map(Prepared::new).collect();
         let run = |careful: bool| {
             let mut verdicts = Vec::with_capacity(prepared.len());
@@ -551,8 +559,12 @@ impl Consumer {
         // Parsed once, used by the record and by the callback.
         let (headers, body) = (crate::jsonb::object(&pairs(headers)), jsonb(body));
         // A plain run writes the row directly: a message id recorded before
-        // fails the run, and the careful run's statement sorts it out.
-        let Some(attempts) = record(id, sub, destination, headers, body, !careful) else {
+        // fails the run, and the careful run's statement sorts it out. Where
+        // that is likely (a redelivery, or a batch just now that met ids
+        // recorded before) the statement is used from the start.
+        let direct = !careful && !*redelivered && self.plain_direct.get();
+        let Some(attempts) = record(id, sub, destination, headers, body, direct) else {
+            self.met_recorded.set(true);
             return Verdict::Ack; // consumed or discarded before: the effect happened once
         };
         let call = || {

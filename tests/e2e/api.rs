@@ -1,6 +1,8 @@
 //! The publishing API over a real connection: what is written, what is
 //! refused (SQLSTATE, nothing written), and who may call it.
 
+use std::time::Duration;
+
 use outbox_pg_e2e::cluster::sqlstate;
 use outbox_pg_e2e::{Cluster, unique};
 use postgres::Client;
@@ -437,6 +439,44 @@ impl FromStrUrl for postgres::Config {
     fn from_str_url(s: &str) -> postgres::Config {
         s.parse().expect("valid connection string")
     }
+}
+
+/// An ALTER that commits while a publisher waits for the table's lock: the
+/// row is written as the table is now (here through the statement, with
+/// the new column's default), not as it was when the publisher last
+/// looked (the backend would write a NULL pointer into the new column).
+#[test]
+fn the_outbox_row_follows_an_alter_committed_while_it_waited() {
+    let cl = Cluster::start(&["outbox.stomp_hosts = '127.0.0.1:9'"]);
+    let mut c = cl.client();
+    // The direct path's layout is known to this session before the ALTER.
+    c.batch_execute("SELECT outbox.publish('/queue/alter', '{\"n\": 1}')")
+        .unwrap();
+    let mut alter = cl.client();
+    alter
+        .batch_execute(
+            "BEGIN; ALTER TABLE outbox.published ADD COLUMN tenant text NOT NULL DEFAULT 'acme'",
+        )
+        .unwrap();
+    let publisher = std::thread::spawn(move || {
+        c.batch_execute("SELECT outbox.publish('/queue/alter', '{\"n\": 2}')")
+            .unwrap();
+        c
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!publisher.is_finished(), "the publish waits for the ALTER");
+    alter.batch_execute("COMMIT").unwrap();
+    let mut c = publisher.join().expect("the publish returns");
+    let rows: Vec<(i32, String)> = c
+        .query(
+            "SELECT (body->>'n')::int, tenant FROM outbox.published ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [(1, "acme".to_string()), (2, "acme".to_string())]);
 }
 
 /// Rows go into outbox.published directly while the table is as the

@@ -310,7 +310,67 @@ fn the_inbox_row_honours_what_is_added_to_the_table() {
     )
     .unwrap();
     send(&mut c, 3, &["c1", "c2", "b2", "c3"]);
-    check(&mut c, 3, &["c1", "c2", "c3"], false);
+    // After a batch that met an id recorded before, the next records with
+    // the statement; one with new ids only puts the direct path back.
+    send(&mut c, 3, &["c4"]);
+    send(&mut c, 3, &["c5"]);
+    check(&mut c, 3, &["c1", "c2", "c3", "c4", "c5"], false);
+
+    // An ALTER that commits while the consumer waits for the table's lock:
+    // the rows are written as the table is now.
+    let mut alter = cl.client();
+    alter
+        .batch_execute(
+            "BEGIN; ALTER TABLE outbox.received ADD COLUMN tenant text NOT NULL DEFAULT 'acme'",
+        )
+        .unwrap();
+    let sender = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            let headers: [[(&str, &str); 1]; 2] = [[("cap-msg-id", "d1")], [("cap-msg-id", "d2")]];
+            send_raw(
+                &d,
+                &[
+                    (&headers[0][..], r#"{"round": 4, "i": 0}"#),
+                    (&headers[1][..], r#"{"round": 4, "i": 1}"#),
+                ],
+            );
+        })
+    };
+    sender.join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let waiting: i64 = c
+        .query_one(
+            "SELECT count(*) FROM effects WHERE message_id LIKE 'd%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(waiting, 0, "the consumer waits for the ALTER");
+    alter.batch_execute("COMMIT").unwrap();
+    wait_for(
+        "the effects after the ALTER",
+        Duration::from_secs(20),
+        || {
+            c.query_opt("SELECT 1 FROM effects WHERE message_id = 'd2'", &[])
+                .unwrap()
+                .map(|_| ())
+        },
+    );
+    check(&mut c, 4, &["d1", "d2"], false);
+    let tenants: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox.received WHERE tenant = 'acme'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tenants, 14, "the new column's default, in every row");
+    assert!(
+        !cl.log().contains("terminated by signal"),
+        "no backend crashed"
+    );
+
     let (rows, effects): (i64, i64) = c
         .query_one(
             "SELECT (SELECT count(*) FROM outbox.received), (SELECT count(*) FROM effects)",
@@ -318,7 +378,7 @@ fn the_inbox_row_honours_what_is_added_to_the_table() {
         )
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
-    assert_eq!((rows, effects), (10, 10), "each id once");
+    assert_eq!((rows, effects), (14, 14), "each id once");
     c.execute("SELECT outbox.unsubscribe($1)", &[&name])
         .unwrap();
 }
