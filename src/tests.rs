@@ -66,4 +66,70 @@ mod tests {
     fn null_destination_is_an_error() {
         Spi::run("SELECT outbox.publish(NULL, '{}')").unwrap();
     }
+
+    /// `jsonb::object` (names pushed in jsonb's key order) builds the same
+    /// jsonb as the text input of the same pairs, over many generated sets
+    /// of names: ties in length, multi-byte names, repeated names (the
+    /// last value wins, as in the text input), none at all.
+    #[pg_test]
+    fn headers_jsonb_is_the_text_inputs() {
+        use std::borrow::Cow;
+        use std::ffi::{CStr, CString};
+        let out = |d: pg_sys::Datum| unsafe {
+            let text = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
+                .expect("jsonb_out returns a value");
+            CStr::from_ptr(text.cast_mut_ptr())
+                .to_string_lossy()
+                .into_owned()
+        };
+        let names = [
+            "a",
+            "b",
+            "aa",
+            "ab",
+            "ba",
+            "é",
+            "ü",
+            "dop-msg-id",
+            "content-type",
+            "x-y",
+        ];
+        // A small linear congruential generator: the same cases every run.
+        let mut seed = 0x2545_f491_u64;
+        let mut next = |n: usize| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as usize % n
+        };
+        for case in 0..300 {
+            let pairs: Vec<(&str, String)> = (0..next(12))
+                .map(|i| (names[next(names.len())], format!("v{case}.{i}")))
+                .collect();
+            let cow: Vec<(&str, Cow<str>)> = pairs
+                .iter()
+                .map(|(k, v)| (*k, Cow::Borrowed(v.as_str())))
+                .collect();
+            let built = out(crate::jsonb::object(&cow));
+            let text = format!(
+                "{{{}}}",
+                pairs
+                    .iter()
+                    .map(|(k, v)| format!(
+                        "{}: {}",
+                        serde_json::to_string(k).unwrap(),
+                        serde_json::to_string(v).unwrap()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let c = CString::new(text.clone()).unwrap();
+            let parsed = unsafe {
+                pgrx::direct_function_call_as_datum(
+                    pg_sys::jsonb_in,
+                    &[Some(pg_sys::Datum::from(c.as_ptr()))],
+                )
+                .expect("jsonb_in returns a value")
+            };
+            assert_eq!(built, out(parsed), "pairs {text}");
+        }
+    }
 }
