@@ -26,8 +26,9 @@ use pgrx::pg_sys;
 
 /// What a stock table looks like: its columns in order of the `Spec`'s
 /// constants, each with its type (`None`: an enum), and the status label
-/// a new row gets.
+/// a new row gets; `cache` is its place in `LAYOUTS`.
 struct Spec {
+    cache: usize,
     table: &'static CStr,
     sequence: &'static CStr,
     columns: &'static [(&'static str, Option<pg_sys::Oid>)],
@@ -48,6 +49,7 @@ mod published {
     pub const ADDED: usize = 8;
     pub const NEXT_ATTEMPT_AT: usize = 9;
     pub const SPEC: Spec = Spec {
+        cache: 0,
         table: c"published",
         sequence: c"published_id_seq",
         columns: &[
@@ -80,6 +82,7 @@ mod received {
     pub const ADDED: usize = 9;
     pub const PROCESSED_AT: usize = 10;
     pub const SPEC: Spec = Spec {
+        cache: 1,
         table: c"received",
         sequence: c"received_id_seq",
         columns: &[
@@ -124,7 +127,7 @@ enum Known {
 const TABLES: usize = 2;
 
 thread_local! {
-    /// Per table: 0 `outbox.published`, 1 `outbox.received`.
+    /// Per stock table, at its `Spec::cache`.
     static LAYOUTS: [Cell<Known>; TABLES] = const { [Cell::new(Known::Unknown), Cell::new(Known::Unknown)] };
     static CALLBACK: Cell<bool> = const { Cell::new(false) };
 }
@@ -144,7 +147,7 @@ pub struct Published {
 /// (nothing done) when the table is not stock. The caller runs as the
 /// table's owner.
 pub fn insert_published(v: &Published) -> bool {
-    write(0, &published::SPEC, |row| unsafe {
+    write(&published::SPEC, |row| unsafe {
         let now = pg_sys::GetCurrentTransactionStartTimestamp();
         row.set(published::MESSAGE_ID, v.message_id);
         row.set(published::DESTINATION, v.destination);
@@ -182,7 +185,7 @@ pub struct Received {
 /// 23505) — after waiting, as any insert does, for a transaction that is
 /// recording it at the same moment.
 pub fn insert_received(v: &Received) -> bool {
-    write(1, &received::SPEC, |row| unsafe {
+    write(&received::SPEC, |row| unsafe {
         row.set(received::MESSAGE_ID, v.message_id);
         row.set(received::SUBSCRIPTION, v.subscription);
         row.set(received::DESTINATION, v.destination);
@@ -215,13 +218,13 @@ impl Row<'_> {
     }
 }
 
-fn write(table: usize, spec: &Spec, fill: impl FnOnce(&mut Row)) -> bool {
+fn write(spec: &Spec, fill: impl FnOnce(&mut Row)) -> bool {
     // PostgreSQL 13's executor API differs (and the version is past its end
     // of life): it keeps the SPI statement.
     if cfg!(feature = "pg13") {
         return false;
     }
-    let known = || LAYOUTS.with(|l| l[table].get());
+    let known = || LAYOUTS.with(|l| l[spec.cache].get());
     let relid = match known() {
         Known::Stock(l) => l.relid,
         Known::Unsupported(_) => return false,
@@ -240,7 +243,7 @@ fn write(table: usize, spec: &Spec, fill: impl FnOnce(&mut Row)) -> bool {
         let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             // Dropped since: the statement reports it as Postgres would.
-            LAYOUTS.with(|l| l[table].set(Known::Unknown));
+            LAYOUTS.with(|l| l[spec.cache].set(Known::Unknown));
             return false;
         }
         let layout = match known() {
@@ -248,7 +251,7 @@ fn write(table: usize, spec: &Spec, fill: impl FnOnce(&mut Row)) -> bool {
             Known::Unsupported(_) => None,
             Known::Stock(_) | Known::Unknown => {
                 let k = look_up(rel, spec);
-                LAYOUTS.with(|l| l[table].set(k));
+                LAYOUTS.with(|l| l[spec.cache].set(k));
                 match k {
                     Known::Stock(l) => Some(l),
                     _ => None,

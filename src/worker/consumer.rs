@@ -211,10 +211,18 @@ struct Consumer {
     batch: usize,
     /// When the last batch was handled, and its size.
     last_batch: Option<(Instant, usize)>,
-    /// The current batch met a message id recorded before ...
+    /// The current batch met a message id recorded before (so the next
+    /// one's plain run records with the statement).
     met_recorded: std::cell::Cell<bool>,
-    /// ... and so the next one's plain run records with the statement.
-    plain_direct: std::cell::Cell<bool>,
+}
+
+/// How `Consumer::attempt` runs a message: *plainly*, inside the batch's
+/// one subtransaction, its inbox row written directly or by the statement;
+/// or *carefully*, the callback in a subtransaction of its own.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    Plain { direct: bool },
+    Careful,
 }
 
 impl Consumer {
@@ -250,7 +258,6 @@ impl Consumer {
             batch: 1,
             last_batch: None,
             met_recorded: std::cell::Cell::new(false),
-            plain_direct: std::cell::Cell::new(true),
         }
     }
 
@@ -469,7 +476,8 @@ impl Consumer {
             if BackgroundWorker::sigterm_received() {
                 return Verdict::Leave;
             }
-            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(p, true))) {
+            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(p, Run::Careful)))
+            {
                 Verdict::Retry => continue,
                 v => return v,
             }
@@ -487,15 +495,17 @@ impl Consumer {
     /// recording the same ids in another order, say), the messages are
     /// handled one transaction each.
     fn batch(&mut self, messages: &[Frame]) -> Vec<Verdict> {
-        self.plain_direct.set(!self.met_recorded.replace(false));
+        let plain = Run::Plain {
+            direct: !self.met_recorded.replace(false),
+        };
         let prepared: Vec<Prepared> = messages.iter().map(Prepared::new).collect();
-        let run = |careful: bool| {
+        let run = |how: Run| {
             let mut verdicts = Vec::with_capacity(prepared.len());
             for p in &prepared {
-                let v = self.attempt(p, careful);
+                let v = self.attempt(p, how);
                 let stop = !matches!(v, Verdict::Ack);
                 verdicts.push(v);
-                if stop && !careful {
+                if stop && how != Run::Careful {
                     return None;
                 }
                 if matches!(verdicts.last(), Some(Verdict::Retry)) {
@@ -505,9 +515,9 @@ impl Consumer {
             Some(verdicts)
         };
         let tried = BackgroundWorker::transaction(AssertUnwindSafe(|| unsafe {
-            match call_in_subtransaction(|| run(false), Option::is_some) {
+            match call_in_subtransaction(|| run(plain), Option::is_some) {
                 Ok(Some(verdicts)) => Ok(verdicts),
-                _ => call_in_subtransaction(|| run(true), |_| true)
+                _ => call_in_subtransaction(|| run(Run::Careful), |_| true)
                     .map(|v| v.expect("a careful run always finishes")),
             }
         }));
@@ -534,11 +544,11 @@ impl Consumer {
     }
 
     /// One attempt inside the caller's transaction: record, call, and the
-    /// outcome recorded. `careful`: the call in a subtransaction of its own
-    /// (else a raising callback aborts the caller's subtransaction, and
+    /// outcome recorded. Carefully: the call in a subtransaction of its own
+    /// (plainly, a raising callback aborts the caller's subtransaction, and
     /// one returning false is reported as DeadLetter with nothing
     /// recorded, for the caller to run again carefully).
-    fn attempt(&self, p: &Prepared, careful: bool) -> Verdict {
+    fn attempt(&self, p: &Prepared, how: Run) -> Verdict {
         let sub = &self.sub;
         let Prepared {
             id,
@@ -562,7 +572,7 @@ impl Consumer {
         // fails the run, and the careful run's statement sorts it out. Where
         // that is likely (a redelivery, or a batch just now that met ids
         // recorded before) the statement is used from the start.
-        let direct = !careful && !*redelivered && self.plain_direct.get();
+        let direct = how == Run::Plain { direct: true } && !*redelivered;
         let Some(attempts) = record(id, sub, destination, headers, body, direct) else {
             self.met_recorded.set(true);
             return Verdict::Ack; // consumed or discarded before: the effect happened once
@@ -579,7 +589,7 @@ impl Consumer {
                 *redelivered,
             )
         };
-        if !careful {
+        if how != Run::Careful {
             return match call() {
                 Some(false) => Verdict::DeadLetter,
                 _ => Verdict::Ack,
@@ -789,11 +799,12 @@ fn record(
             s.len() as i32,
         ))
     };
+    let (id_text, sub_text, destination_text) = (text(id), text(&sub.name), text(destination));
     if direct
         && crate::direct::insert_received(&crate::direct::Received {
-            message_id: text(id),
-            subscription: text(&sub.name),
-            destination: text(destination),
+            message_id: id_text,
+            subscription: sub_text,
+            destination: destination_text,
             headers,
             body,
         })
@@ -819,7 +830,7 @@ fn record(
             pg_sys::SPI_keepplan(plan);
             RECORD_PLAN.with(|p| p.set(plan));
         }
-        let mut values = [text(id), text(&sub.name), text(destination), headers, body];
+        let mut values = [id_text, sub_text, destination_text, headers, body];
         let nulls = [b' ' as std::ffi::c_char; 5];
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT_RETURNING as i32 {

@@ -324,20 +324,14 @@ fn the_inbox_row_honours_what_is_added_to_the_table() {
             "BEGIN; ALTER TABLE outbox.received ADD COLUMN tenant text NOT NULL DEFAULT 'acme'",
         )
         .unwrap();
-    let sender = {
-        let d = d.clone();
-        std::thread::spawn(move || {
-            let headers: [[(&str, &str); 1]; 2] = [[("cap-msg-id", "d1")], [("cap-msg-id", "d2")]];
-            send_raw(
-                &d,
-                &[
-                    (&headers[0][..], r#"{"round": 4, "i": 0}"#),
-                    (&headers[1][..], r#"{"round": 4, "i": 1}"#),
-                ],
-            );
-        })
-    };
-    sender.join().unwrap();
+    let headers: [[(&str, &str); 1]; 2] = [[("cap-msg-id", "d1")], [("cap-msg-id", "d2")]];
+    send_raw(
+        &d,
+        &[
+            (&headers[0][..], r#"{"round": 4, "i": 0}"#),
+            (&headers[1][..], r#"{"round": 4, "i": 1}"#),
+        ],
+    );
     std::thread::sleep(Duration::from_millis(500));
     let waiting: i64 = c
         .query_one(
