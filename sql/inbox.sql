@@ -50,31 +50,29 @@ CREATE TABLE outbox.subscriptions (
     owner       regrole NOT NULL,
     created     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-COMMENT ON TABLE outbox.subscriptions IS 'One consumer worker per row; see outbox.subscribe()';
+COMMENT ON TABLE outbox.subscriptions IS 'One consumer worker per row; written only by outbox.subscribe() and outbox.unsubscribe()';
 COMMENT ON COLUMN outbox.subscriptions.name IS 'Subscription name; the consumer worker''s application_name';
 COMMENT ON COLUMN outbox.subscriptions.destination IS 'STOMP destination subscribed to';
 COMMENT ON COLUMN outbox.subscriptions.callback IS 'callback(outbox.message) returning void or boolean (false discards)';
 COMMENT ON COLUMN outbox.subscriptions.queue IS 'x-queue-name; dead letters go to DLQ.<queue>';
-COMMENT ON COLUMN outbox.subscriptions.owner IS 'Role the callback runs as: whoever subscribed';
+COMMENT ON COLUMN outbox.subscriptions.owner IS 'Role the callback runs as: whoever subscribed (it must keep EXECUTE on the callback)';
 COMMENT ON COLUMN outbox.subscriptions.created IS 'When the subscription was made';
-
--- The owner is always the role that wrote the row: nobody can make a
--- callback run as someone else.
-CREATE FUNCTION outbox._subscription_owner() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    NEW.owner := current_user::regrole;
-    RETURN NEW;
-END
-$$;
-COMMENT ON FUNCTION outbox._subscription_owner() IS 'Private: sets outbox.subscriptions.owner to the writing role';
-CREATE TRIGGER subscription_owner BEFORE INSERT OR UPDATE ON outbox.subscriptions
-    FOR EACH ROW EXECUTE FUNCTION outbox._subscription_owner();
-COMMENT ON TRIGGER subscription_owner ON outbox.subscriptions IS 'Sets owner to the role that writes the row';
 
 CREATE FUNCTION outbox._wake() RETURNS void
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'outbox_wake';
 COMMENT ON FUNCTION outbox._wake() IS 'Private: wakes the workers when the current transaction commits';
+
+-- Nobody writes outbox.subscriptions directly: these two write it for
+-- subscribe/unsubscribe, the caller becoming the owner (the role the
+-- callback runs as) only if it may execute the callback.
+CREATE FUNCTION outbox._subscription_write(name text, destination text, callback regprocedure, queue text)
+RETURNS void LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'outbox_subscription_write';
+COMMENT ON FUNCTION outbox._subscription_write(text, text, regprocedure, text) IS
+    'Private: writes the calling role''s subscription (see outbox.subscribe)';
+CREATE FUNCTION outbox._subscription_delete(name text)
+RETURNS boolean LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'outbox_subscription_delete';
+COMMENT ON FUNCTION outbox._subscription_delete(text) IS
+    'Private: removes a subscription (see outbox.unsubscribe)';
 
 CREATE FUNCTION outbox.subscribe(name text, destination text, callback regprocedure, queue text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql
@@ -83,6 +81,8 @@ DECLARE
     q text := coalesce(queue, pg_catalog.regexp_replace(destination, '^.*/', ''));
     ret oid;
     args oidvector;
+    retset boolean;
+    kind "char";
     max_consumers int := coalesce(pg_catalog.current_setting('outbox.max_consumers', true), '8')::int;
 BEGIN
     IF name IS NULL OR destination IS NULL OR callback IS NULL THEN
@@ -100,8 +100,9 @@ BEGIN
         RAISE EXCEPTION 'invalid queue name "%"', q USING ERRCODE = '22023',
             HINT = 'Pass a queue name without "/" or spaces, or a destination whose last segment is one.';
     END IF;
-    SELECT p.prorettype, p.proargtypes INTO ret, args FROM pg_catalog.pg_proc p WHERE p.oid = callback;
-    IF pg_catalog.array_length(args::oid[], 1) IS DISTINCT FROM 1
+    SELECT p.prorettype, p.proargtypes, p.proretset, p.prokind INTO ret, args, retset, kind
+    FROM pg_catalog.pg_proc p WHERE p.oid = callback;
+    IF pg_catalog.array_length(args::oid[], 1) IS DISTINCT FROM 1 OR retset OR kind <> 'f'
        OR args[0] <> 'outbox.message'::pg_catalog.regtype
        OR ret NOT IN ('void'::pg_catalog.regtype, 'boolean'::pg_catalog.regtype) THEN
         RAISE EXCEPTION 'callback % must take (outbox.message) and return void or boolean', callback
@@ -117,11 +118,7 @@ BEGIN
         RAISE EXCEPTION 'too many subscriptions: outbox.max_consumers is %', max_consumers
             USING ERRCODE = '53400', HINT = 'Raise outbox.max_consumers (and max_worker_processes) and restart, or unsubscribe one.';
     END IF;
-    INSERT INTO outbox.subscriptions AS s (name, destination, callback, queue, owner)
-    VALUES (subscribe.name, subscribe.destination, subscribe.callback, q, current_user::regrole)
-    ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
-        SET destination = excluded.destination, callback = excluded.callback, queue = excluded.queue;
-    PERFORM outbox._wake();
+    PERFORM outbox._subscription_write(subscribe.name, subscribe.destination, subscribe.callback, q);
 END
 $$;
 COMMENT ON FUNCTION outbox.subscribe(text, text, regprocedure, text) IS
@@ -130,12 +127,10 @@ COMMENT ON FUNCTION outbox.subscribe(text, text, regprocedure, text) IS
 CREATE FUNCTION outbox.unsubscribe(name text) RETURNS void LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    DELETE FROM outbox.subscriptions s WHERE s.name = unsubscribe.name;
-    IF NOT FOUND THEN
+    IF NOT outbox._subscription_delete(unsubscribe.name) THEN
         RAISE EXCEPTION 'subscription "%" does not exist', name USING ERRCODE = '42704',
             HINT = 'The subscriptions are listed in outbox.subscriptions.';
     END IF;
-    PERFORM outbox._wake();
 END
 $$;
 COMMENT ON FUNCTION outbox.unsubscribe(text) IS
@@ -143,8 +138,10 @@ COMMENT ON FUNCTION outbox.unsubscribe(text) IS
 
 REVOKE ALL ON outbox.received, outbox.subscriptions FROM PUBLIC;
 GRANT SELECT ON outbox.received TO outbox_admin;
-GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.subscriptions TO outbox_admin;
+GRANT SELECT ON outbox.subscriptions TO outbox_admin;
 REVOKE ALL ON FUNCTION outbox.subscribe(text, text, regprocedure, text), outbox.unsubscribe(text),
-    outbox._wake(), outbox._subscription_owner() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox.subscribe(text, text, regprocedure, text), outbox.unsubscribe(text), outbox._wake()
+    outbox._wake(), outbox._subscription_write(text, text, regprocedure, text),
+    outbox._subscription_delete(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox.subscribe(text, text, regprocedure, text), outbox.unsubscribe(text), outbox._wake(),
+    outbox._subscription_write(text, text, regprocedure, text), outbox._subscription_delete(text)
     TO outbox_admin;

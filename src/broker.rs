@@ -29,6 +29,8 @@ pub fn config() -> Config {
             cert_file: guc::text(&guc::STOMP_CERT_FILE),
             key_file: guc::text(&guc::STOMP_KEY_FILE),
         }),
+        // Every wait on the broker also wakes for interrupts.
+        hooks: Some(crate::latch::HOOKS),
     }
 }
 

@@ -348,7 +348,8 @@ unsafe fn look_up(rel: pg_sys::Relation, spec: &Spec) -> Known {
             at: [0; MAX_COLUMNS],
         };
         let mut found = 0;
-        for (i, att) in (*desc).attrs.as_slice(natts).iter().enumerate() {
+        for i in 0..natts {
+            let att = &*attribute(desc, i);
             if att.attisdropped {
                 continue;
             }
@@ -384,6 +385,23 @@ unsafe fn look_up(rel: pg_sys::Relation, spec: &Spec) -> Known {
         } else {
             Known::Unsupported(relid)
         }
+    }
+}
+
+/// The i-th (0-based) attribute of a tuple descriptor, on every supported
+/// major: PostgreSQL 18 keeps them after its compact attributes, where
+/// only its `TupleDescAttr` knows the way.
+pub(crate) unsafe fn attribute(
+    desc: pg_sys::TupleDesc,
+    i: usize,
+) -> *const pg_sys::FormData_pg_attribute {
+    #[cfg(feature = "pg18")]
+    unsafe {
+        pg_sys::TupleDescAttr(desc, i as std::ffi::c_int)
+    }
+    #[cfg(not(feature = "pg18"))]
+    unsafe {
+        (*desc).attrs.as_ptr().add(i)
     }
 }
 

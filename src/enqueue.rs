@@ -2,10 +2,18 @@
 //! stored headers, insert the row (directly, see direct.rs, or through a
 //! saved plan), arm the commit wake.
 //! Used by `outbox.publish(...)` (api.rs) and the trigger (trigger.rs).
+//!
+//! Vocabulary: the *owner switch* runs the insert as the owner of
+//! `outbox.published`, a security-restricted operation under a pinned
+//! search_path (`as_owner`). Its caches are plain cells, copied out before
+//! use, so a publish may run inside another (from a serializer, a callback,
+//! a trigger on the table).
 
 use std::cell::Cell;
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use crate::error::{OutboxError, Result};
 use crate::headers::{self, Generated};
@@ -66,12 +74,19 @@ const INSERT: &std::ffi::CStr = c"INSERT INTO outbox.published \
      VALUES ($1, $2, $3, $4, $5, pg_catalog.now() OPERATOR(pg_catalog.+) COALESCE($6, '0'::pg_catalog.interval))";
 
 thread_local! {
-    /// Owner of outbox.published, looked up once per backend.
-    static OWNER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// `outbox.published` and its schema, found by name once per backend
+    /// and confirmed at each use (see `owner`).
+    static TABLE: Cell<(pg_sys::Oid, pg_sys::Oid)> =
+        const { Cell::new((pg_sys::InvalidOid, pg_sys::InvalidOid)) };
     /// The INSERT, prepared once per backend and kept (the plan cache
-    /// revalidates it if the table is recreated).
+    /// revalidates it if the table is recreated). Always run under the
+    /// pinned search_path, so it is never re-planned for a caller's.
     static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
+
+/// What the owner switch pins search_path to (as PostgreSQL 17's own
+/// maintenance operations do).
+const SAFE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 
 /// Writes the message into `outbox.published` in the current transaction
 /// and returns its message id. The caller has validated destination and body.
@@ -108,37 +123,69 @@ pub fn write(m: &Message) -> uuid::Uuid {
             b' ' as _,
             if m.delay.is_some() { b' ' } else { b'n' } as _,
         ];
-        // Write as the table's owner: publishers need EXECUTE on the API,
-        // not INSERT on the table (so they cannot forge rows). An error
-        // aborts the transaction, which restores the user id.
-        let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(owner(), sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        let direct = crate::direct::insert_published(&crate::direct::Published {
-            message_id: values[0],
-            destination: values[1],
-            version: m.version.is_some().then_some(values[2]),
-            body: values[3],
-            headers: values[4],
-            delay: m.delay,
+        as_owner(|| {
+            let direct = crate::direct::insert_published(&crate::direct::Published {
+                message_id: values[0],
+                destination: values[1],
+                version: m.version.is_some().then_some(values[2]),
+                body: values[3],
+                headers: values[4],
+                delay: m.delay,
+            });
+            if !direct {
+                // The table is not as the extension made it (a trigger on
+                // it, say): the statement does all Postgres would.
+                if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+                    pgrx::error!("outbox: could not connect to SPI");
+                }
+                let plan = plan();
+                let rc =
+                    pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+                if rc != pg_sys::SPI_OK_INSERT as i32 {
+                    pgrx::error!("outbox: insert into outbox.published failed (SPI code {rc})");
+                }
+                pg_sys::SPI_finish();
+            }
         });
-        if !direct {
-            // The table is not as the extension made it (a trigger on it,
-            // say): the statement does all Postgres would.
-            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-                pgrx::error!("outbox: could not connect to SPI");
-            }
-            let plan = plan();
-            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-            if rc != pg_sys::SPI_OK_INSERT as i32 {
-                pgrx::error!("outbox: insert into outbox.published failed (SPI code {rc})");
-            }
-            pg_sys::SPI_finish();
-        }
-        pg_sys::SetUserIdAndSecContext(user, sec);
     }
     crate::wake::arm();
     id
+}
+
+/// Runs `f` as the owner of `outbox.published`: publishers need EXECUTE on
+/// the API, not INSERT on the table (so they cannot forge rows). It is a
+/// security-restricted operation with search_path pinned, as PostgreSQL
+/// runs index functions as a table's owner: whatever the table runs (an
+/// index expression, a trigger someone added) cannot take the owner's
+/// rights with it, nor be steered by the caller's search_path. An error
+/// aborts the (sub)transaction, which restores both the user and the
+/// setting.
+unsafe fn as_owner(f: impl FnOnce()) {
+    unsafe {
+        let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(
+            owner(),
+            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
+                as i32,
+        );
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            SAFE_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        f();
+        // As PostgreSQL after an index build: settings changed inside are
+        // dropped with the pinned one.
+        pg_sys::AtEOXact_GUC(false, level);
+        pg_sys::SetUserIdAndSecContext(user, sec);
+    }
 }
 
 unsafe fn plan() -> pg_sys::SPIPlanPtr {
@@ -157,30 +204,67 @@ unsafe fn plan() -> pg_sys::SPIPlanPtr {
     unsafe {
         let plan = pg_sys::SPI_prepare(INSERT.as_ptr(), types.len() as i32, types.as_mut_ptr());
         if plan.is_null() {
-            pgrx::error!("outbox: could not prepare the outbox insert");
+            let rc = pg_sys::SPI_result;
+            pgrx::error!(
+                "outbox: could not prepare the insert into outbox.published (SPI code {rc})"
+            );
         }
-        pg_sys::SPI_keepplan(plan);
+        if pg_sys::SPI_keepplan(plan) != 0 {
+            pgrx::error!("outbox: could not keep the insert into outbox.published");
+        }
         PLAN.with(|p| p.set(plan));
         plan
     }
 }
 
-/// The owner of `outbox.published` (the role that created the extension).
+/// The owner of `outbox.published` (the role that created the extension),
+/// read from its catalog row: one syscache lookup per message, no relation
+/// opened, and a table dropped and made again (or given another owner) is
+/// seen at once.
 unsafe fn owner() -> pg_sys::Oid {
-    let cached = OWNER.with(|o| o.get());
-    if cached != pg_sys::InvalidOid {
-        return cached;
+    let (relid, nsp) = TABLE.with(|t| t.get());
+    if let Some(owner) = unsafe { owner_of(relid, nsp) } {
+        return owner;
     }
     unsafe {
         // Catalog lookups without ACL checks: the caller may lack USAGE on
         // the schema, and needs none.
         let nsp = pg_sys::get_namespace_oid(c"outbox".as_ptr(), false);
-        let rel = pg_sys::get_relname_relid(c"published".as_ptr(), nsp);
-        let relation = pg_sys::RelationIdGetRelation(rel);
-        let owner = (*(*relation).rd_rel).relowner;
-        pg_sys::RelationClose(relation);
-        OWNER.with(|o| o.set(owner));
+        let relid = pg_sys::get_relname_relid(c"published".as_ptr(), nsp);
+        let Some(owner) = owner_of(relid, nsp) else {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                "relation \"outbox.published\" does not exist",
+                "outbox",
+            )
+            .set_hint("Drop and create the extension outbox_pg again.")
+            .report(PgLogLevel::ERROR);
+            unreachable!("ereport(ERROR) returned")
+        };
+        TABLE.with(|t| t.set((relid, nsp)));
         owner
+    }
+}
+
+/// `relowner` of `relid` while it is still `outbox.published`.
+unsafe fn owner_of(relid: pg_sys::Oid, nsp: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    if relid == pg_sys::InvalidOid {
+        return None;
+    }
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(relid),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let form = &*pg_sys::GETSTRUCT(tuple).cast::<pg_sys::FormData_pg_class>();
+        let same = form.relnamespace == nsp
+            && std::ffi::CStr::from_ptr(form.relname.data.as_ptr()) == c"published";
+        let owner = form.relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        same.then_some(owner)
     }
 }
 

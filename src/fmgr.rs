@@ -18,15 +18,16 @@ macro_rules! finfo_v1 {
 }
 pub(crate) use finfo_v1;
 
-/// Argument `n` as a raw datum, or None when SQL NULL.
+/// Argument `n` as a raw datum, or None when SQL NULL (or not passed).
 pub unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
     unsafe {
-        let args = (*fcinfo).args.as_slice(n + 1);
-        if n >= (*fcinfo).nargs as usize || args[n].isnull {
-            None
-        } else {
-            Some(args[n].value)
+        // Only the `nargs` passed exist: slice no further than that.
+        let nargs = usize::try_from((*fcinfo).nargs).unwrap_or(0);
+        if n >= nargs {
+            return None;
         }
+        let a = &(*fcinfo).args.as_slice(nargs)[n];
+        (!a.isnull).then_some(a.value)
     }
 }
 
@@ -50,8 +51,10 @@ pub unsafe fn jsonb_text(d: pg_sys::Datum) -> String {
     unsafe {
         let c: pg_sys::Datum = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
             .expect("jsonb_out returns text");
-        std::ffi::CStr::from_ptr(c.cast_mut_ptr())
+        let s = std::ffi::CStr::from_ptr(c.cast_mut_ptr())
             .to_string_lossy()
-            .into_owned()
+            .into_owned();
+        pg_sys::pfree(c.cast_mut_ptr());
+        s
     }
 }

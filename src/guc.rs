@@ -41,6 +41,7 @@ pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static MAX_CONSUMERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static CALLBACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 
 /// Registers every setting; called from `_PG_init` in every process that
 /// loads the library.
@@ -212,6 +213,14 @@ pub fn init() {
         c"Fallback wake-up of the publisher when no commit woke it.",
         &POLL_INTERVAL_MS,
         10,
+        i32::MAX,
+        ms,
+    );
+    int(
+        c"outbox.callback_timeout",
+        c"Longest run of one subscription callback; 0 means no limit.",
+        &CALLBACK_TIMEOUT_MS,
+        0,
         i32::MAX,
         ms,
     );

@@ -10,9 +10,11 @@ mod fmgr;
 mod guc;
 mod headers;
 mod jsonb;
+mod latch;
 // A complete STOMP client; the workers use part of it.
 #[allow(dead_code)]
 mod stomp;
+mod subscriptions;
 mod trigger;
 mod wake;
 mod worker;

@@ -5,13 +5,21 @@
 //! options), cached per trigger OID for the life of the backend; its *shape*
 //! says how a row becomes the body (the whole row, a *projection* onto the
 //! `fields=` columns, or a *serializer* function) and is resolved against the
-//! table's current columns, re-resolved when they change. Rows become jsonb
-//! through direct calls to `to_jsonb` (no SPI), and the row is written by
-//! the enqueue module's saved plan.
+//! table's current columns, re-resolved when they change (and a serializer
+//! for each role, by its search_path). A serializer must be a plain function
+//! of the table's row type returning jsonb, which the role may EXECUTE
+//! (checked at every row). Rows become jsonb through direct calls (to
+//! `to_jsonb` or the serializer; no SPI), and the row is written by the
+//! enqueue module.
+//!
+//! Re-entrant: a serializer, or the insert itself, may fire outbox triggers
+//! again (this one too); each firing holds its own handles on the cache,
+//! which is borrowed only to look up or replace an entry.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use pgrx::pg_guard;
 use pgrx::pg_sys;
@@ -94,32 +102,23 @@ unsafe fn fire(td: *const pg_sys::TriggerData) -> std::result::Result<(), Trigge
     let rel = unsafe { (*td).tg_relation };
     let desc = unsafe { (*rel).rd_att };
 
-    SPECS.with(|specs| {
-        let mut specs = specs.borrow_mut();
-        let args = unsafe { trigger_args(trigger) };
-        let spec = match specs.get_mut(&trigger.tgoid.to_u32()) {
-            Some(s) if s.args == args => s,
-            _ => {
-                let spec = Spec::parse(args)?;
-                specs.insert(trigger.tgoid.to_u32(), spec);
-                specs
-                    .get_mut(&trigger.tgoid.to_u32())
-                    .expect("just inserted")
-            }
-        };
-        let body = unsafe { spec.body(rel, desc, tuple)? };
-        enqueue::check_size(body).map_err(|e| TriggerProblem::Input(Box::new(e)))?;
-        let table = unsafe { table_name(rel) };
-        enqueue::write(&Message {
-            destination: &spec.wire,
-            version: spec.version.as_deref(),
-            body,
-            user_headers: &spec.headers,
-            trigger: Some((op, &table)),
-            delay: None,
-        });
-        Ok(())
-    })
+    // Shared handles, no borrow: the serializer and the insert may fire
+    // this very trigger again (nested to any depth).
+    let cached = Cached::get(trigger)?;
+    let shape = unsafe { cached.shape(rel, desc) }?;
+    let body = unsafe { shape.body(desc, tuple) }?;
+    enqueue::check_size(body).map_err(|e| TriggerProblem::Input(Box::new(e)))?;
+    let table = unsafe { table_name(rel) };
+    let spec = &cached.spec;
+    enqueue::write(&Message {
+        destination: &spec.wire,
+        version: spec.version.as_deref(),
+        body,
+        user_headers: &spec.headers,
+        trigger: Some((op, &table)),
+        delay: None,
+    });
+    Ok(())
 }
 
 unsafe fn trigger_args(t: &pg_sys::Trigger) -> Vec<String> {
@@ -132,12 +131,83 @@ unsafe fn trigger_args(t: &pg_sys::Trigger) -> Vec<String> {
         .collect()
 }
 
+/// Whether the trigger's arguments are still `args` (compared without
+/// copying them).
+unsafe fn same_args(args: &[String], t: &pg_sys::Trigger) -> bool {
+    args.len() == t.tgnargs as usize
+        && args
+            .iter()
+            .enumerate()
+            .all(|(i, a)| unsafe { CStr::from_ptr(*t.tgargs.add(i)).to_bytes() == a.as_bytes() })
+}
+
+/// Triggers cached per backend before unused entries are dropped.
+const MAX_CACHED: usize = 1000;
+
 thread_local! {
-    static SPECS: RefCell<HashMap<u32, Spec>> = RefCell::new(HashMap::new());
+    /// Per trigger OID. Each entry is shared (`Rc`) and borrowed only to
+    /// look up or replace it, never across user code.
+    static TRIGGERS: RefCell<HashMap<u32, Rc<Cached>>> = RefCell::new(HashMap::new());
     static TO_JSONB: std::cell::Cell<*mut pg_sys::FmgrInfo> = const { std::cell::Cell::new(std::ptr::null_mut()) };
 }
 
-/// A trigger's parsed arguments and how its rows become bodies.
+/// A trigger's spec and its last resolved shape. A firing holds its own
+/// `Rc` of both: a nested firing that re-resolves replaces the cache's,
+/// and the old shape is freed when the last firing using it returns.
+struct Cached {
+    spec: Spec,
+    shape: RefCell<Option<Rc<Shape>>>,
+}
+
+impl Cached {
+    fn get(t: &pg_sys::Trigger) -> std::result::Result<Rc<Cached>, TriggerProblem> {
+        let oid = t.tgoid.to_u32();
+        let hit = TRIGGERS.with(|c| {
+            c.borrow()
+                .get(&oid)
+                .filter(|e| unsafe { same_args(&e.spec.args, t) })
+                .cloned()
+        });
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        let fresh = Rc::new(Cached {
+            spec: Spec::parse(unsafe { trigger_args(t) })?,
+            shape: RefCell::new(None),
+        });
+        TRIGGERS.with(|c| {
+            let mut c = c.borrow_mut();
+            // Dropped triggers (temporary tables, say) leave entries behind:
+            // past a bound, keep only those a firing is using.
+            if c.len() >= MAX_CACHED {
+                c.retain(|_, e| Rc::strong_count(e) > 1);
+            }
+            c.insert(oid, fresh.clone())
+        });
+        Ok(fresh)
+    }
+
+    /// The shape for the table as it is now, resolved again when it no
+    /// longer fits.
+    unsafe fn shape(
+        &self,
+        rel: pg_sys::Relation,
+        desc: pg_sys::TupleDesc,
+    ) -> std::result::Result<Rc<Shape>, TriggerProblem> {
+        let current = self.shape.borrow().clone();
+        if let Some(shape) = current
+            && unsafe { shape.fits(rel, desc) }
+        {
+            return Ok(shape);
+        }
+        let shape = Rc::new(unsafe { self.spec.resolve(rel, desc) }?);
+        // The old shape (if no firing still holds it) is freed here.
+        self.shape.replace(Some(shape.clone()));
+        Ok(shape)
+    }
+}
+
+/// A trigger's parsed arguments.
 struct Spec {
     args: Vec<String>,
     wire: String,
@@ -145,28 +215,56 @@ struct Spec {
     headers: Headers,
     fields: Option<Vec<String>>,
     serializer: Option<String>,
-    shape: Shape,
 }
 
 enum Shape {
-    Unresolved,
     Row,
     Projection(Projection),
     Serializer(Serializer),
+}
+
+/// A memory context of the backend's life, for what one shape keeps
+/// between rows; deleted with the shape, so re-resolving does not grow
+/// the backend.
+struct Context(pg_sys::MemoryContext);
+
+impl Context {
+    unsafe fn new(name: &'static CStr) -> Context {
+        Context(unsafe {
+            pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopMemoryContext,
+                name.as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+            )
+        })
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // Nothing else points into it: the row types blessed from it are
+        // copied by the type cache, and its FmgrInfo is the shape's own.
+        unsafe { pg_sys::MemoryContextDelete(self.0) };
+    }
 }
 
 /// The `fields=` columns (plus `id`) as a record type of their own.
 struct Projection {
     columns: Vec<(i16, String, pg_sys::Oid)>,
     desc: pg_sys::TupleDesc,
+    _memory: Context,
 }
 
 struct Serializer {
-    /// Row type it was resolved for, and the role it was checked for.
+    /// Row type it was resolved for, and the role whose search_path found it.
     rowtype: pg_sys::Oid,
     user: pg_sys::Oid,
+    oid: pg_sys::Oid,
     name: String,
     finfo: *mut pg_sys::FmgrInfo,
+    _memory: Context,
 }
 
 impl Spec {
@@ -225,69 +323,7 @@ impl Spec {
             headers,
             fields,
             serializer,
-            shape: Shape::Unresolved,
         })
-    }
-
-    /// The row as the message body (a jsonb datum).
-    unsafe fn body(
-        &mut self,
-        rel: pg_sys::Relation,
-        desc: pg_sys::TupleDesc,
-        tuple: pg_sys::HeapTuple,
-    ) -> std::result::Result<pg_sys::Datum, TriggerProblem> {
-        unsafe {
-            if !self.shape_fits(rel, desc) {
-                self.shape = self.resolve(rel, desc)?;
-            }
-            match &self.shape {
-                Shape::Row | Shape::Unresolved => {
-                    Ok(to_jsonb(pg_sys::heap_copy_tuple_as_datum(tuple, desc)))
-                }
-                Shape::Projection(p) => {
-                    let n = (*desc).natts as usize;
-                    let mut values = vec![pg_sys::Datum::from(0); n];
-                    let mut nulls = vec![false; n];
-                    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-                    let mut pv: Vec<pg_sys::Datum> = Vec::with_capacity(p.columns.len());
-                    let mut pn: Vec<bool> = Vec::with_capacity(p.columns.len());
-                    for (attnum, _, _) in &p.columns {
-                        pv.push(values[*attnum as usize - 1]);
-                        pn.push(nulls[*attnum as usize - 1]);
-                    }
-                    let row = pg_sys::heap_form_tuple(p.desc, pv.as_mut_ptr(), pn.as_mut_ptr());
-                    Ok(to_jsonb(pg_sys::heap_copy_tuple_as_datum(row, p.desc)))
-                }
-                Shape::Serializer(s) => {
-                    let row = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-                    call_serializer(s, row)
-                }
-            }
-        }
-    }
-
-    /// Whether the resolved shape still matches the table and the role.
-    unsafe fn shape_fits(&self, rel: pg_sys::Relation, desc: pg_sys::TupleDesc) -> bool {
-        unsafe {
-            match &self.shape {
-                Shape::Unresolved => false,
-                Shape::Row => true,
-                Shape::Projection(p) => p.columns.iter().all(|(attnum, name, typ)| {
-                    column(desc, *attnum).is_some_and(|(n, t)| &n == name && t == *typ)
-                }),
-                Shape::Serializer(s) => {
-                    s.rowtype == (*(*rel).rd_rel).reltype
-                        && s.user == pg_sys::GetUserId()
-                        && pg_sys::SearchSysCacheExists(
-                            pg_sys::SysCacheIdentifier::PROCOID as i32,
-                            pg_sys::Datum::from((*s.finfo).fn_oid),
-                            pg_sys::Datum::from(0),
-                            pg_sys::Datum::from(0),
-                            pg_sys::Datum::from(0),
-                        )
-                }
-            }
-        }
     }
 
     unsafe fn resolve(
@@ -320,9 +356,10 @@ impl Spec {
                 }
                 columns.push(find(f).ok_or_else(|| TriggerProblem::UnknownField(f.clone()))?);
             }
-            // The projected record type outlives this call: build it in
-            // TopMemoryContext and register it (BlessTupleDesc).
-            let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            // The projected record type outlives this call: build it in the
+            // shape's own context and register it (BlessTupleDesc).
+            let memory = Context::new(c"outbox trigger projection");
+            let old = pg_sys::MemoryContextSwitchTo(memory.0);
             let pdesc = pg_sys::CreateTemplateTupleDesc(columns.len() as i32);
             for (i, (attnum, _, _)) in columns.iter().enumerate() {
                 pg_sys::TupleDescCopyEntry(pdesc, (i + 1) as i16, desc, *attnum);
@@ -332,7 +369,69 @@ impl Spec {
             Ok(Shape::Projection(Projection {
                 columns,
                 desc: pdesc,
+                _memory: memory,
             }))
+        }
+    }
+}
+
+impl Shape {
+    /// Whether the shape still matches the table and the role.
+    unsafe fn fits(&self, rel: pg_sys::Relation, desc: pg_sys::TupleDesc) -> bool {
+        unsafe {
+            match self {
+                Shape::Row => true,
+                Shape::Projection(p) => p.columns.iter().all(|(attnum, name, typ)| {
+                    column(desc, *attnum).is_some_and(|(n, t)| &n == name && t == *typ)
+                }),
+                Shape::Serializer(s) => {
+                    s.rowtype == (*(*rel).rd_rel).reltype
+                        && s.user == pg_sys::GetUserId()
+                        && pg_sys::SearchSysCacheExists(
+                            pg_sys::SysCacheIdentifier::PROCOID as i32,
+                            pg_sys::Datum::from(s.oid),
+                            pg_sys::Datum::from(0),
+                            pg_sys::Datum::from(0),
+                            pg_sys::Datum::from(0),
+                        )
+                }
+            }
+        }
+    }
+
+    /// The row as the message body (a jsonb datum).
+    unsafe fn body(
+        &self,
+        desc: pg_sys::TupleDesc,
+        tuple: pg_sys::HeapTuple,
+    ) -> std::result::Result<pg_sys::Datum, TriggerProblem> {
+        unsafe {
+            match self {
+                Shape::Row => Ok(to_jsonb(pg_sys::heap_copy_tuple_as_datum(tuple, desc))),
+                Shape::Projection(p) => {
+                    let n = (*desc).natts as usize;
+                    let mut values = vec![pg_sys::Datum::from(0); n];
+                    let mut nulls = vec![false; n];
+                    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                    let mut pv: Vec<pg_sys::Datum> = Vec::with_capacity(p.columns.len());
+                    let mut pn: Vec<bool> = Vec::with_capacity(p.columns.len());
+                    for (attnum, _, _) in &p.columns {
+                        pv.push(values[*attnum as usize - 1]);
+                        pn.push(nulls[*attnum as usize - 1]);
+                    }
+                    let row = pg_sys::heap_form_tuple(p.desc, pv.as_mut_ptr(), pn.as_mut_ptr());
+                    Ok(to_jsonb(pg_sys::heap_copy_tuple_as_datum(row, p.desc)))
+                }
+                Shape::Serializer(s) => {
+                    // At every row, as the executor checks a function in a
+                    // query: a REVOKE counts from the next message.
+                    if !may_execute(s.oid) {
+                        return Err(TriggerProblem::SerializerPermission(s.name.clone()));
+                    }
+                    let row = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+                    call_serializer(s, row)
+                }
+            }
         }
     }
 }
@@ -343,7 +442,7 @@ unsafe fn column(desc: pg_sys::TupleDesc, attnum: i16) -> Option<(String, pg_sys
         if attnum < 1 || attnum as i32 > (*desc).natts {
             return None;
         }
-        let att = &*attribute(desc, (attnum - 1) as usize);
+        let att = &*crate::direct::attribute(desc, (attnum - 1) as usize);
         if att.attisdropped {
             return None;
         }
@@ -356,64 +455,92 @@ unsafe fn column(desc: pg_sys::TupleDesc, attnum: i16) -> Option<(String, pg_sys
     }
 }
 
-/// The i-th (0-based) attribute of a tuple descriptor.
-unsafe fn attribute(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormData_pg_attribute {
-    #[cfg(feature = "pg18")]
-    unsafe {
-        pg_sys::TupleDescAttr(desc, i as i32)
-    }
-    #[cfg(not(feature = "pg18"))]
-    unsafe {
-        (*desc).attrs.as_ptr().add(i)
-    }
+/// Whether the current role may execute function `oid` (a syscache
+/// lookup; superusers always may).
+unsafe fn may_execute(oid: pg_sys::Oid) -> bool {
+    let user = unsafe { pg_sys::GetUserId() };
+    let mode = pg_sys::ACL_EXECUTE as pg_sys::AclMode;
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    let result = unsafe { pg_sys::pg_proc_aclcheck(oid, user, mode) };
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    let result = unsafe { pg_sys::object_aclcheck(pg_sys::ProcedureRelationId, oid, user, mode) };
+    result == pg_sys::AclResult::ACLCHECK_OK
 }
 
 /// Looks up `name(rowtype)` as the calling role sees it (search_path) and
-/// checks that it returns jsonb and that the role may execute it.
+/// checks its shape: a plain function of that one argument returning one
+/// jsonb. EXECUTE is checked at each call (`Shape::body`).
 unsafe fn resolve_serializer(
     name: &str,
     rowtype: pg_sys::Oid,
 ) -> std::result::Result<Serializer, TriggerProblem> {
-    use pgrx::spi::Spi;
-    let row_type_name: String = Spi::get_one_with_args(
-        "SELECT pg_catalog.format_type($1, NULL)",
-        &[pgrx::datum::DatumWithOid::from(rowtype)],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| "record".into());
-    let signature = format!("{name}({row_type_name})");
-    let found: Option<(Option<pg_sys::Oid>, Option<String>, Option<bool>)> =
-        Spi::get_three_with_args(
-            "SELECT p.oid, pg_catalog.format_type(p.prorettype, NULL), \
-                pg_catalog.has_function_privilege(p.oid, 'EXECUTE') \
-         FROM pg_catalog.pg_proc p WHERE p.oid = pg_catalog.to_regprocedure($1)",
-            &[pgrx::datum::DatumWithOid::from(signature.as_str())],
-        )
-        .ok();
-    let Some((Some(oid), Some(returns), Some(may_execute))) = found else {
-        return Err(TriggerProblem::NoSerializer(signature));
-    };
-    if returns != "jsonb" {
-        return Err(TriggerProblem::SerializerReturns {
-            name: signature,
-            returns,
-        });
-    }
-    if !may_execute {
-        return Err(TriggerProblem::SerializerPermission(signature));
-    }
     unsafe {
-        let finfo =
-            pg_sys::MemoryContextAllocZero(pg_sys::TopMemoryContext, size_of::<pg_sys::FmgrInfo>())
-                .cast::<pg_sys::FmgrInfo>();
-        pg_sys::fmgr_info_cxt(oid, finfo, pg_sys::TopMemoryContext);
+        let signature = format!("{name}({})", type_name(rowtype));
+        let text =
+            pg_sys::cstring_to_text_with_len(signature.as_ptr().cast(), signature.len() as i32);
+        let oid = pgrx::direct_function_call_as_datum(
+            pg_sys::to_regprocedure,
+            &[Some(pg_sys::Datum::from(text))],
+        )
+        .map(|d| pg_sys::Oid::from(d.value() as u32))
+        .filter(|oid| *oid != pg_sys::InvalidOid);
+        let Some(oid) = oid else {
+            return Err(TriggerProblem::NoSerializer(signature));
+        };
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::PROCOID as i32,
+            pg_sys::Datum::from(oid),
+        );
+        if tuple.is_null() {
+            return Err(TriggerProblem::NoSerializer(signature));
+        }
+        let form = &*pg_sys::GETSTRUCT(tuple).cast::<pg_sys::FormData_pg_proc>();
+        let (kind, retset, rettype) = (form.prokind as u8, form.proretset, form.prorettype);
+        let one_arg = form.pronargs == 1 && *form.proargtypes.values.as_ptr() == rowtype;
+        pg_sys::ReleaseSysCache(tuple);
+        // (to_regprocedure found it by that one argument: a second look
+        // costs nothing.)
+        if !one_arg {
+            return Err(TriggerProblem::NoSerializer(signature));
+        }
+        let returns = match kind {
+            pg_sys::PROKIND_FUNCTION if rettype == pg_sys::JSONBOID && !retset => None,
+            pg_sys::PROKIND_FUNCTION => Some(format!(
+                "{}{}",
+                if retset { "setof " } else { "" },
+                type_name(rettype)
+            )),
+            pg_sys::PROKIND_PROCEDURE => Some("a procedure".into()),
+            pg_sys::PROKIND_AGGREGATE => Some("an aggregate".into()),
+            _ => Some("a window function".into()),
+        };
+        if let Some(returns) = returns {
+            return Err(TriggerProblem::SerializerReturns {
+                name: signature,
+                returns,
+            });
+        }
+        let memory = Context::new(c"outbox trigger serializer");
+        let finfo = pg_sys::MemoryContextAllocZero(memory.0, size_of::<pg_sys::FmgrInfo>())
+            .cast::<pg_sys::FmgrInfo>();
+        pg_sys::fmgr_info_cxt(oid, finfo, memory.0);
         Ok(Serializer {
             rowtype,
             user: pg_sys::GetUserId(),
+            oid,
             name: signature,
             finfo,
+            _memory: memory,
         })
+    }
+}
+
+unsafe fn type_name(typ: pg_sys::Oid) -> String {
+    unsafe {
+        let c = pg_sys::format_type_be(typ);
+        let s = CStr::from_ptr(c).to_string_lossy().into_owned();
+        pg_sys::pfree(c.cast());
+        s
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Shared {
     /// The publisher is inside a unit of work; still true when its next
     /// incarnation starts means the last one ended in an error.
     pub publisher_busy: AtomicBool,
+    /// Bumped when the publisher reaches the broker again after a failure:
+    /// consumers in a reconnection backoff try at once.
+    pub broker_returns: AtomicU64,
     /// Publisher incarnations in a row that ended in an error.
     pub publisher_failures: std::sync::atomic::AtomicU32,
 }
@@ -352,6 +355,13 @@ fn set_latch_of(pid: i32) {
 }
 
 /// Sets the latch of every consumer worker.
+/// The publisher reached the broker after a failure: consumers backing off
+/// reconnect now.
+pub fn broker_returned() {
+    SHARED.get().broker_returns.fetch_add(1, Ordering::AcqRel);
+    wake_consumers();
+}
+
 fn wake_consumers() {
     let pids: Vec<i32> = SLOTS
         .share()
@@ -388,7 +398,9 @@ unsafe extern "C-unwind" fn at_xact_end(
         // A prepared transaction commits in another session: the worker's
         // poll finds its rows.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            ARMED.with(|a| a.set(false))
+            ARMED.with(|a| a.set(false));
+            // A rolled-back subscribe changed nothing.
+            SUBSCRIPTIONS_CHANGED.with(|c| c.set(false));
         }
         _ => {}
     }

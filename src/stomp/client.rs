@@ -102,6 +102,37 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// TLS settings; `None` = plain TCP.
     pub tls: Option<TlsConfig>,
+    /// How the connection waits for its socket; `None` = in the kernel (blocking calls with
+    /// timeouts).
+    pub hooks: Option<Hooks>,
+}
+
+/// Waiting supplied by the host program. A PostgreSQL backend must not sleep in a blocking
+/// call it cannot interrupt: with hooks, every wait of a [`Connection`] (TCP connect, TLS
+/// handshake, reads, stalled writes) goes through them, so the host can wake for its own
+/// events (a latch, a signal) and abort the wait by unwinding.
+#[derive(Clone, Copy)]
+pub struct Hooks {
+    /// Connects within `timeout`, waiting through `wait`.
+    pub connect: fn(&SocketAddr, Duration) -> io::Result<TcpStream>,
+    /// Waits until `fd` is readable (`writable`: writable) or `timeout` passes; true when
+    /// the socket is ready. It may return early with false (a spurious wake-up).
+    pub wait: fn(RawFd, bool, Duration) -> io::Result<bool>,
+}
+
+impl PartialEq for Hooks {
+    /// Hooks are part of how a program runs, not of what it connects to.
+    fn eq(&self, _: &Hooks) -> bool {
+        true
+    }
+}
+
+impl Eq for Hooks {}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hooks")
+    }
 }
 
 /// TLS settings of a [`Config`]: PEM file paths (only paths are kept, never key material).
@@ -230,6 +261,7 @@ impl fmt::Debug for Config {
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls", &self.tls)
+            .field("hooks", &self.hooks)
             .finish()
     }
 }
@@ -403,6 +435,7 @@ fn tls_handshake(
     name: ServerName<'static>,
     host: &str,
     deadline: Instant,
+    hooks: Option<Hooks>,
 ) -> Result<StreamOwned<ClientConnection, TcpStream>, StompError> {
     let failed = |why: &dyn fmt::Display| {
         StompError::Tls(format!("tls handshake with {host} failed: {why}"))
@@ -416,6 +449,11 @@ fn tls_handshake(
         let res = if conn.wants_write() {
             conn.write_tls(&mut sock)
         } else {
+            if let Some(h) = hooks
+                && !(h.wait)(sock.as_raw_fd(), false, left)?
+            {
+                continue;
+            }
             sock.set_read_timeout(Some(left))?;
             match conn.read_tls(&mut sock) {
                 Ok(0) => return Err(failed(&"the server closed the connection")),
@@ -466,6 +504,7 @@ pub struct Connection {
     /// Read timeout currently set on the socket (avoids redundant syscalls).
     read_timeout: Option<Duration>,
     receipt_seq: u64,
+    hooks: Option<Hooks>,
 }
 
 impl fmt::Debug for Connection {
@@ -524,7 +563,11 @@ impl Connection {
             if left.is_zero() {
                 break;
             }
-            match TcpStream::connect_timeout(addr, left) {
+            let connected = match cfg.hooks {
+                Some(h) => (h.connect)(addr, left),
+                None => TcpStream::connect_timeout(addr, left),
+            };
+            match connected {
                 Ok(s) => {
                     stream = Some(s);
                     break;
@@ -544,7 +587,7 @@ impl Connection {
         let transport = match tls {
             None => Transport::Plain(stream),
             Some((config, name)) => Transport::Tls(Box::new(tls_handshake(
-                stream, config, name, host, deadline,
+                stream, config, name, host, deadline, cfg.hooks,
             )?)),
         };
         let now = Instant::now();
@@ -566,6 +609,7 @@ impl Connection {
             write_stall: cfg.connect_timeout.max(MIN_WRITE_STALL),
             read_timeout: None,
             receipt_seq: 0,
+            hooks: cfg.hooks,
         };
         let mut connect = Frame::new(Command::Connect)
             .header("accept-version", "1.2")
@@ -742,6 +786,12 @@ impl Connection {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => {
+                    // The host may have been asked to stop meanwhile.
+                    if let Some(h) = self.hooks
+                        && let Err(e) = (h.wait)(self.as_raw_fd(), true, Duration::ZERO)
+                    {
+                        break Err(StompError::Io(e));
+                    }
                     if let Err(e) = self.read_nonblocking() {
                         break Err(e);
                     }
@@ -1001,6 +1051,13 @@ impl Connection {
 
     /// One read waiting at most `wait` (> 0).
     fn read_blocking(&mut self, wait: Duration) -> Result<(), StompError> {
+        if let Some(h) = self.hooks {
+            return if (h.wait)(self.as_raw_fd(), false, wait)? {
+                self.read_nonblocking()
+            } else {
+                Ok(())
+            };
+        }
         if self.read_timeout != Some(wait) {
             self.transport.sock().set_read_timeout(Some(wait))?;
             self.read_timeout = Some(wait);
@@ -1184,6 +1241,7 @@ mod tests {
             heartbeat: (0, 0),
             connect_timeout: Duration::from_secs(5),
             tls: None,
+            hooks: None,
         }
     }
 

@@ -4,35 +4,43 @@
 //! Vocabulary: the worker *claims* its slot (see supervisor.rs), SUBSCRIBEs
 //! as django-outbox-pattern does (client-individual acks, `x-queue-name`,
 //! the queue headers, a dead-letter queue `DLQ.<queue>` declared first),
-//! and handles each MESSAGE inside one transaction: *record* the message id
-//! in `outbox.received` (the unique index decides, so a duplicate — even
-//! one arriving at the same moment — is seen inside the transaction),
-//! *call* the callback as the subscription's owner, commit, then ACK. The
-//! messages already received share that transaction (a *batch*, see
-//! `Consumer::batch`), so a busy queue costs one commit per batch. A
-//! callback that raises is rolled back and *retried* (at once, each attempt
-//! its own transaction) until `outbox.maximum_retry_attempts`, then
-//! *dead-lettered* (NACK `requeue:false` → `DLQ.<queue>`); one that returns
-//! false is *discarded* (its work rolled back, dead-lettered).
+//! and handles each MESSAGE inside one transaction: *record* it in
+//! `outbox.received` (inbox.rs), *call* the callback (callback.rs), commit,
+//! then ACK. The messages already received share that transaction (a
+//! *batch*, see `Consumer::batch`), so a busy queue costs one commit per
+//! batch. A callback that raises is rolled back and *retried* (at once,
+//! each attempt its own transaction) until `outbox.maximum_retry_attempts`,
+//! then *dead-lettered* (NACK `requeue:false` → `DLQ.<queue>`); one that
+//! returns false is *discarded* (its work rolled back, dead-lettered). A
+//! message that cannot even be recorded (a *poison* body, an error outside
+//! the callback) is recorded `failed` and dead-lettered at once: nothing a
+//! producer sends stops the subscription. While the owner may not execute
+//! the callback the subscription is *refused*: nothing runs, the messages
+//! stay in the queue, and the status says why.
 
-use std::borrow::Cow;
-use std::panic::AssertUnwindSafe;
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
-use pgrx::datum::DatumWithOid;
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 
+use super::callback::{self, Callback, Message};
+use super::inbox::{self, Prepared};
 use super::link::Link;
+use super::subscription::{self, Subscription};
+use super::{keeper, tx};
 use crate::guc;
+use crate::latch;
 use crate::stomp::client::{Connection, StompError};
 use crate::stomp::frame::{Command, Frame};
 use crate::wake::{self, SLOTS};
 
 /// Longest sleep between two looks at the subscription and the signals.
 const TICK: Duration = Duration::from_millis(500);
+
+/// How often a refused subscription looks at its callback's privileges again.
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// Most messages handled in one transaction.
 const MAX_BATCH: usize = 100;
@@ -47,6 +55,10 @@ const MAX_BATCH: usize = 100;
 const LINGER: Duration = Duration::from_millis(1);
 const LINGER_MAX: Duration = Duration::from_millis(2);
 const STREAMING: Duration = Duration::from_millis(10);
+
+/// A message whose recording keeps failing on a transient error (a
+/// deadlock, say) is tried this many times before it is dead-lettered.
+const TRANSIENT_TRIES: u32 = 10;
 
 /// Messages per batch: half the prefetch, so that while one batch runs the
 /// broker already refills what the previous batch's ACKs freed (a batch as
@@ -77,15 +89,17 @@ fn queue_headers() -> Vec<(String, String)> {
     }
 }
 
-/// One row of `outbox.subscriptions`, as this worker uses it.
-#[derive(PartialEq)]
-struct Subscription {
-    name: String,
-    destination: String,
-    queue: String,
-    callback: pg_sys::Oid,
-    owner: pg_sys::Oid,
-    returns_bool: bool,
+fn broker_returns() -> u64 {
+    wake::SHARED
+        .get()
+        .broker_returns
+        .load(std::sync::atomic::Ordering::Acquire)
+}
+
+// PostgreSQL's SIGTERM handler for backends (pgrx binds it only as a
+// function to call, not as a pointer to hand over).
+unsafe extern "C-unwind" {
+    fn die(signal: std::ffi::c_int);
 }
 
 /// What to tell the broker about one message.
@@ -102,11 +116,18 @@ enum Verdict {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM as every backend has it: a terminate or a shutdown ends the
+    // worker wherever it is, inside a callback or a lock wait too (its
+    // transaction rolls back; the broker delivers the message again).
+    // SAFETY: installing PostgreSQL's own handler.
+    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(die)) };
+    latch::in_worker();
     let name = BackgroundWorker::get_extra().to_string();
     let database = guc::text(&guc::DATABASE);
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     super::ignore_session_limits();
+    super::pin_search_path();
     if !claim_slot(&name) {
         // Another worker serves this subscription already.
         unsafe { pg_sys::proc_exit(0) };
@@ -114,7 +135,7 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
     if let Ok(app) = std::ffi::CString::new(name.clone()) {
         unsafe { pg_sys::pgstat_report_appname(app.as_ptr()) };
     }
-    let Some(sub) = load(&name) else {
+    let Some(sub) = subscription::load(&name) else {
         release_slot(&name);
         unsafe { pg_sys::proc_exit(0) };
     };
@@ -170,42 +191,15 @@ fn release_slot_if(name: &str, for_good: bool) {
     }
 }
 
-/// The subscription's row, or None when it no longer exists.
-fn load(name: &str) -> Option<Subscription> {
-    BackgroundWorker::transaction(|| {
-        if !super::table_exists("subscriptions") {
-            return None;
-        }
-        Spi::connect(|c| {
-            let mut rows = c
-                .select(
-                    "SELECT s.destination, s.queue, s.callback::oid, s.owner::oid, p.prorettype = 'boolean'::regtype \
-                     FROM outbox.subscriptions s JOIN pg_catalog.pg_proc p ON p.oid = s.callback \
-                     WHERE s.name = $1",
-                    None,
-                    &[DatumWithOid::from(name)],
-                )
-                .ok()?;
-            let r = rows.next()?;
-            Some(Subscription {
-                name: name.to_string(),
-                destination: r.get::<String>(1).ok()??,
-                queue: r.get::<String>(2).ok()??,
-                callback: r.get::<pg_sys::Oid>(3).ok()??,
-                owner: r.get::<pg_sys::Oid>(4).ok()??,
-                returns_bool: r.get::<bool>(5).ok()??,
-            })
-        })
-    })
-}
-
 struct Consumer {
     sub: Subscription,
     report: wake::Reporter,
     link: Link,
     generation: u64,
-    /// The callback, resolved once (TopMemoryContext).
-    finfo: *mut pg_sys::FmgrInfo,
+    /// The callback, resolved; None while the subscription is refused.
+    callback: Option<Callback>,
+    /// Why the subscription is refused, and when that was last looked at.
+    refused: Option<(String, Instant)>,
     message_type: pg_sys::Oid,
     /// Messages per batch, from the prefetch the last SUBSCRIBE asked for.
     batch: usize,
@@ -213,39 +207,41 @@ struct Consumer {
     last_batch: Option<(Instant, usize)>,
     /// The current batch met a message id recorded before (so the next
     /// one's plain run records with the statement).
-    met_recorded: std::cell::Cell<bool>,
+    met_recorded: Cell<bool>,
+    /// The message whose callback a plain run is calling (its index).
+    calling: Cell<Option<usize>>,
+    /// The publisher's count of broker returns last seen.
+    broker_returns: u64,
 }
 
 /// How `Consumer::attempt` runs a message: *plainly*, inside the batch's
 /// one subtransaction, its inbox row written directly or by the statement;
-/// or *carefully*, the callback in a subtransaction of its own.
+/// or *carefully*, its record and its callback each in a subtransaction of
+/// their own.
 #[derive(Clone, Copy, PartialEq)]
 enum Run {
     Plain { direct: bool },
     Careful,
 }
 
+/// A careful attempt's outcome: a verdict, or a transient error while
+/// recording (the batch is then handled one message at a time).
+type Attempt = Result<Verdict, tx::Failure>;
+
 impl Consumer {
     fn new(sub: Subscription) -> Consumer {
-        // Catalog lookups need a transaction.
-        let callback = sub.callback;
-        let (finfo, message_type) = BackgroundWorker::transaction(|| unsafe {
-            let finfo = pg_sys::MemoryContextAllocZero(
-                pg_sys::TopMemoryContext,
-                size_of::<pg_sys::FmgrInfo>(),
-            )
-            .cast::<pg_sys::FmgrInfo>();
-            pg_sys::fmgr_info_cxt(callback, finfo, pg_sys::TopMemoryContext);
-            let t = Spi::get_one::<pg_sys::Oid>("SELECT 'outbox.message'::regtype::oid")
-                .ok()
-                .flatten();
-            (finfo as usize, t.unwrap_or(pg_sys::InvalidOid))
-        });
-        let finfo = finfo as *mut pg_sys::FmgrInfo;
         let report = wake::Reporter::Consumer(sub.name.clone());
         report.started();
         let link = Link::new(format!("outbox consumer \"{}\"", sub.name), report.clone());
-        Consumer {
+        let message_type = BackgroundWorker::transaction(|| {
+            Spi::get_one::<pg_sys::Oid>(
+                "SELECT 'outbox.message'::pg_catalog.regtype::pg_catalog.oid",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(pg_sys::InvalidOid)
+        });
+        let mut c = Consumer {
             report,
             link,
             sub,
@@ -253,22 +249,61 @@ impl Consumer {
                 .get()
                 .subscriptions
                 .load(std::sync::atomic::Ordering::Acquire),
-            finfo,
+            callback: None,
+            refused: None,
             message_type,
             batch: 1,
             last_batch: None,
-            met_recorded: std::cell::Cell::new(false),
+            met_recorded: Cell::new(false),
+            calling: Cell::new(None),
+            broker_returns: broker_returns(),
+        };
+        c.check();
+        c
+    }
+
+    /// Looks at the callback: resolves it when the owner may run it, or
+    /// marks the subscription refused (logged once, shown in the status).
+    fn check(&mut self) {
+        let sub = &self.sub;
+        let message_type = self.message_type;
+        let looked = tx::transaction(|| match callback::refusal(sub) {
+            Some(why) => Err(why),
+            None => Ok(Callback::resolve(sub, message_type)),
+        });
+        match looked {
+            Ok(Ok(cb)) => {
+                if self.refused.take().is_some() {
+                    log!(
+                        "outbox consumer \"{}\": the callback may run again",
+                        self.sub.name
+                    );
+                }
+                self.callback = Some(cb);
+            }
+            Ok(Err(why)) => self.refuse(why),
+            Err(e) => self.refuse(format!("could not look at the callback: {e}")),
         }
+    }
+
+    fn refuse(&mut self, why: String) {
+        if self.refused.as_ref().map(|(w, _)| w) != Some(&why) {
+            warning!(
+                "outbox consumer \"{}\": {why}; nothing runs until that changes",
+                self.sub.name
+            );
+            self.report.error(&why);
+        }
+        self.callback = None;
+        self.refused = Some((why, Instant::now()));
+        // The messages go back to the queue (or stay there).
+        self.disconnect();
     }
 
     /// The worker's life; returns its exit code (0: gone for good).
     fn run(&mut self) -> i32 {
         loop {
-            if BackgroundWorker::sigterm_received() {
-                self.disconnect();
-                // Terminated, not unsubscribed: come back.
-                return 1;
-            }
+            latch::interrupts();
             if BackgroundWorker::sighup_received() {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 self.link.reload();
@@ -279,7 +314,7 @@ impl Consumer {
                 .load(std::sync::atomic::Ordering::Acquire);
             if generation != self.generation {
                 self.generation = generation;
-                match load(&self.sub.name) {
+                match subscription::load(&self.sub.name) {
                     None => {
                         log!(
                             "outbox consumer \"{}\": unsubscribed, stopping",
@@ -299,28 +334,46 @@ impl Consumer {
                     Some(_) => {}
                 }
             }
+            if let Some((_, at)) = &self.refused {
+                if at.elapsed() >= RECHECK {
+                    self.check();
+                }
+                if self.refused.is_some() {
+                    self.nap(TICK);
+                    continue;
+                }
+            }
+            let returns = broker_returns();
+            if returns != self.broker_returns {
+                self.broker_returns = returns;
+                if self.link.conn.is_none() {
+                    self.link.retry_now();
+                }
+            }
             if self.link.conn.is_none() && !self.connect() {
                 let wait = self.link.backing_off();
-                if !BackgroundWorker::wait_latch(Some(wait.min(TICK).max(Duration::from_millis(1))))
-                {
-                    self.disconnect();
-                    return 1;
-                }
+                self.nap(wait.min(TICK).max(Duration::from_millis(1)));
                 continue;
             }
             if let Err(e) = self.pump() {
                 self.link.broke(e);
                 continue;
             }
-            if !self.wait() {
-                self.disconnect();
-                return 1;
-            }
+            self.wait();
         }
     }
 
     fn disconnect(&mut self) {
         self.link.disconnect();
+    }
+
+    /// Sleeps on the latch (no socket) for at most `d`.
+    fn nap(&mut self, d: Duration) {
+        // The tick is short: held-back statistics go at a later one.
+        let _ = super::idle();
+        if !latch::take_woken() {
+            BackgroundWorker::wait_latch(Some(d));
+        }
     }
 
     /// Connects and subscribes; false (with a backoff set) on failure.
@@ -387,13 +440,27 @@ impl Consumer {
             if pending.is_empty() {
                 break;
             }
-            let mut verdicts = self.batch(pending.make_contiguous());
-            // A batch stops at a message whose callback failed with attempts
-            // left: retry it now, before anything later, to keep the order.
-            if let Some(Verdict::Retry) = verdicts.last() {
-                let m = Prepared::new(&pending[verdicts.len() - 1]);
-                *verdicts.last_mut().expect("not empty") = self.handle(&m);
-            }
+            super::busy(&format!(
+                "handling {} message(s) from {}",
+                pending.len(),
+                self.sub.destination
+            ));
+            // The broker session stays alive while callbacks run.
+            let mut conn = self.link.conn.take().expect("connected");
+            let messages = pending.make_contiguous();
+            let verdicts = keeper::keep_alive(&mut conn, || {
+                let mut verdicts = self.batch(messages);
+                // A batch stops at a message whose callback failed with
+                // attempts left: retry it now, before anything later, to
+                // keep the order.
+                if let Some(Verdict::Retry) = verdicts.last() {
+                    let m = Prepared::new(&messages[verdicts.len() - 1]);
+                    *verdicts.last_mut().expect("not empty") = self.handle(&m);
+                }
+                verdicts
+            });
+            self.link.conn = Some(conn);
+            let _ = super::report_stats();
             let leave = matches!(verdicts.last(), Some(Verdict::Leave));
             let handled_now = verdicts.len();
             for verdict in verdicts {
@@ -417,7 +484,8 @@ impl Consumer {
             conn.flush()?;
             self.last_batch = Some((Instant::now(), handled_now));
             if leave {
-                // Terminating: the rest is delivered again after we leave.
+                // Refused, or terminating: the rest is delivered again after
+                // we leave.
                 break;
             }
             let changed = wake::SHARED
@@ -425,7 +493,7 @@ impl Consumer {
                 .subscriptions
                 .load(std::sync::atomic::Ordering::Acquire)
                 != self.generation;
-            if started.elapsed() >= TICK || changed || BackgroundWorker::sigterm_received() {
+            if started.elapsed() >= TICK || changed || latch::terminating() {
                 // Back into the connection's buffer, in order, for later.
                 while let Some(m) = pending.pop_back() {
                     conn.push_back(m);
@@ -434,52 +502,110 @@ impl Consumer {
             }
         }
         self.report.count(handled);
+        if self.callback.is_none() {
+            // Found refused in a batch: say why, and leave the messages
+            // not handled to the queue (they come again after a reconnect).
+            self.check();
+            self.disconnect();
+            return Ok(());
+        }
         let conn = self.link.conn.as_mut().expect("connected");
         conn.flush()?;
         conn.keepalive()
     }
 
     /// Sleeps until the socket is readable, the latch is set, or a tick
-    /// passes; false when the worker must exit.
-    fn wait(&mut self) -> bool {
+    /// passes.
+    fn wait(&mut self) {
         let conn = self.link.conn.as_ref().expect("connected");
-        if conn.has_buffered() {
-            return true;
+        if conn.has_buffered() || latch::take_woken() {
+            return;
         }
+        // The tick is short: held-back statistics go at a later one.
+        let _ = super::idle();
         let mut timeout = TICK;
         if let Some(k) = conn.keepalive_due_in() {
             timeout = timeout.min(k.max(Duration::from_millis(1)));
         }
-        let events = unsafe {
-            let rc = pg_sys::WaitLatchOrSocket(
+        // SAFETY: this process's latch and an open socket.
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
                 (pg_sys::WL_LATCH_SET
                     | pg_sys::WL_SOCKET_READABLE
                     | pg_sys::WL_TIMEOUT
-                    | pg_sys::WL_POSTMASTER_DEATH) as i32,
+                    | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
                 conn.as_raw_fd(),
                 timeout.as_millis() as _,
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
-            rc
-        };
-        events & pg_sys::WL_POSTMASTER_DEATH as i32 == 0
+        }
     }
 
-    /// One message: attempts until the callback succeeds, discards it, or
-    /// has failed `outbox.maximum_retry_attempts` times. Retrying here, not
-    /// by NACK with requeue, works alike on every broker (ActiveMQ sends
-    /// every NACKed message to the dead-letter queue at once).
+    /// One message alone, each attempt its own transaction: attempts until
+    /// the callback succeeds, discards it, or has failed
+    /// `outbox.maximum_retry_attempts` times. Retrying here, not by NACK
+    /// with requeue, works alike on every broker (ActiveMQ sends every
+    /// NACKed message to the dead-letter queue at once). An error outside
+    /// the callback ends the attempt, never the worker.
     fn handle(&mut self, p: &Prepared) -> Verdict {
+        let mut transient = 0;
         loop {
-            if BackgroundWorker::sigterm_received() {
+            if latch::terminating() {
+                latch::interrupts();
                 return Verdict::Leave;
             }
-            match BackgroundWorker::transaction(AssertUnwindSafe(|| self.attempt(p, Run::Careful)))
-            {
-                Verdict::Retry => continue,
-                v => return v,
+            let tried = tx::transaction(|| {
+                if !self.allowed() {
+                    return Ok(Verdict::Leave);
+                }
+                self.attempt(0, p, Run::Careful, None)
+            });
+            match tried {
+                Ok(Ok(Verdict::Retry)) => continue,
+                Ok(Ok(v)) => return v,
+                Ok(Err(e)) | Err(e) if e.transient && transient < TRANSIENT_TRIES => {
+                    transient += 1;
+                    debug1!(
+                        "outbox consumer \"{}\": message {} met \"{e}\", trying again",
+                        self.sub.name,
+                        p.id
+                    );
+                    std::thread::sleep(Duration::from_millis(10 << transient.min(6)));
+                }
+                Ok(Err(e)) | Err(e) => return self.failed_outside(p, &e.message),
+            }
+        }
+    }
+
+    /// Whether the callback may run (checked in the caller's transaction);
+    /// marks the subscription refused otherwise.
+    fn allowed(&self) -> bool {
+        self.callback.as_ref().is_some_and(Callback::allowed)
+    }
+
+    /// An error outside the callback that trying again did not cure (a
+    /// commit that failed, say): recorded `failed`, dead-lettered when its
+    /// attempts are used up.
+    fn failed_outside(&self, p: &Prepared, why: &str) -> Verdict {
+        warning!(
+            "outbox consumer \"{}\": message {}: {why}",
+            self.sub.name,
+            p.id
+        );
+        match tx::transaction(|| inbox::record_failed(p, &self.sub, why)) {
+            Ok(None) => Verdict::Ack, // consumed before: the effect happened once
+            Ok(Some(n)) if n < guc::MAXIMUM_RETRY_ATTEMPTS.get() => Verdict::Retry,
+            Ok(Some(_)) => Verdict::DeadLetter,
+            Err(e) => {
+                warning!(
+                    "outbox consumer \"{}\": could not record message {} as failed ({e}); sent to DLQ.{}",
+                    self.sub.name,
+                    p.id,
+                    self.sub.queue
+                );
+                Verdict::DeadLetter
             }
         }
     }
@@ -488,21 +614,27 @@ impl Consumer {
     /// the first that asks for a retry; one verdict per message attempted.
     ///
     /// First *plainly*: every callback in one subtransaction, so a SQL
-    /// callback is planned once per batch, not once per message. Should a
-    /// callback raise or return false, that work is rolled back and the
-    /// batch is run again *carefully*: each callback in a subtransaction
-    /// of its own. Should even that fail (a deadlock with another consumer
-    /// recording the same ids in another order, say), the messages are
-    /// handled one transaction each.
+    /// callback is planned once per batch, not once per message. Should
+    /// anything raise or a callback return false, that work is rolled back
+    /// and the batch is run again *carefully*: each record and each
+    /// callback in a subtransaction of its own (a callback that raised in
+    /// the plain run is not called again: that was its attempt). Should even
+    /// that fail (a deadlock with another consumer recording the same ids
+    /// in another order, say), the messages are handled one transaction
+    /// each.
     fn batch(&mut self, messages: &[Frame]) -> Vec<Verdict> {
         let plain = Run::Plain {
             direct: !self.met_recorded.replace(false),
         };
         let prepared: Vec<Prepared> = messages.iter().map(Prepared::new).collect();
-        let run = |how: Run| {
+        let run = |how: Run, failed: Option<&(usize, String)>| {
             let mut verdicts = Vec::with_capacity(prepared.len());
-            for p in &prepared {
-                let v = self.attempt(p, how);
+            for (i, p) in prepared.iter().enumerate() {
+                let preset = failed.filter(|(k, _)| *k == i).map(|(_, why)| why.as_str());
+                let v = match self.attempt(i, p, how, preset) {
+                    Ok(v) => v,
+                    Err(_) => return None,
+                };
                 let stop = !matches!(v, Verdict::Ack);
                 verdicts.push(v);
                 if stop && how != Run::Careful {
@@ -514,21 +646,42 @@ impl Consumer {
             }
             Some(verdicts)
         };
-        let tried = BackgroundWorker::transaction(AssertUnwindSafe(|| unsafe {
-            match call_in_subtransaction(|| run(plain), Option::is_some) {
-                Ok(Some(verdicts)) => Ok(verdicts),
-                _ => call_in_subtransaction(|| run(Run::Careful), |_| true)
-                    .map(|v| v.expect("a careful run always finishes")),
+        let tried = tx::transaction(|| {
+            if !self.allowed() {
+                return None;
             }
-        }));
+            self.calling.set(None);
+            let careful = match tx::subtransaction(|| run(plain, None), Option::is_some) {
+                Ok(Some(verdicts)) => return Some(Some(verdicts)),
+                Ok(None) => None,
+                // A callback that raised (or was cancelled) in the plain
+                // run has had its attempt.
+                Err(e) => self
+                    .calling
+                    .take()
+                    .map(|i| (i, callback::explain(e.message))),
+            };
+            Some(
+                tx::subtransaction(|| run(Run::Careful, careful.as_ref()), |r| r.is_some())
+                    .ok()
+                    .flatten(),
+            )
+        });
         match tried {
-            Ok(verdicts) => verdicts,
-            Err(why) => {
-                log!(
-                    "outbox consumer \"{}\": a batch of {} messages failed ({why}); handling them one by one",
-                    self.sub.name,
-                    messages.len()
-                );
+            Ok(None) => {
+                // Refused: nothing ran; the messages go back to the queue.
+                self.mark_refused();
+                messages.iter().map(|_| Verdict::Leave).take(1).collect()
+            }
+            Ok(Some(Some(verdicts))) => verdicts,
+            Ok(Some(None)) | Err(_) => {
+                if let Err(e) = &tried {
+                    log!(
+                        "outbox consumer \"{}\": a batch of {} messages failed ({e}); handling them one by one",
+                        self.sub.name,
+                        messages.len()
+                    );
+                }
                 let mut verdicts = Vec::with_capacity(prepared.len());
                 for p in &prepared {
                     let v = self.handle(p);
@@ -538,74 +691,97 @@ impl Consumer {
                         break;
                     }
                 }
+                if matches!(verdicts.last(), Some(Verdict::Leave)) && !latch::terminating() {
+                    self.mark_refused();
+                }
                 verdicts
             }
         }
     }
 
+    /// Notes that the callback may no longer run (found inside a batch;
+    /// `pump` looks at why).
+    fn mark_refused(&mut self) {
+        self.callback = None;
+    }
+
     /// One attempt inside the caller's transaction: record, call, and the
-    /// outcome recorded. Carefully: the call in a subtransaction of its own
-    /// (plainly, a raising callback aborts the caller's subtransaction, and
-    /// one returning false is reported as DeadLetter with nothing
-    /// recorded, for the caller to run again carefully).
-    fn attempt(&self, p: &Prepared, how: Run) -> Verdict {
+    /// outcome recorded. Plainly: an error anywhere fails the caller's
+    /// subtransaction (the careful run sorts it out), and a callback
+    /// returning false is reported as DeadLetter with nothing recorded.
+    /// Carefully: the record in a subtransaction (an error there is the
+    /// message's: recorded `failed`, dead-lettered; or, when trying again
+    /// may help, returned), then the call in one of its own — unless
+    /// `preset` gives the error of the call already made for it.
+    fn attempt(&self, i: usize, p: &Prepared, how: Run, preset: Option<&str>) -> Attempt {
         let sub = &self.sub;
-        let Prepared {
-            id,
-            destination,
-            headers,
-            body,
-            redelivered,
-        } = p;
-        let Some(body) = body else {
-            record_malformed(
-                id,
-                sub,
-                destination,
-                &crate::headers::to_json(&pairs(headers)),
-            );
-            return Verdict::DeadLetter;
+        let body = match p.body {
+            Ok(b) => b,
+            Err(reason) => return Ok(self.poison(p, reason)),
         };
-        // Parsed once, used by the record and by the callback.
-        let (headers, body) = (crate::jsonb::object(&pairs(headers)), jsonb(body));
-        // A plain run writes the row directly: a message id recorded before
-        // fails the run, and the careful run's statement sorts it out. Where
-        // that is likely (a redelivery, or a batch just now that met ids
-        // recorded before) the statement is used from the start.
-        let direct = how == Run::Plain { direct: true } && !*redelivered;
-        let Some(attempts) = record(id, sub, destination, headers, body, direct) else {
-            self.met_recorded.set(true);
-            return Verdict::Ack; // consumed or discarded before: the effect happened once
-        };
-        let call = || {
-            call(
-                self.finfo,
-                sub,
-                self.message_type,
-                id,
-                destination,
+        let cb = self.callback.as_ref().expect("checked before the batch");
+        let calling = |headers, body| {
+            cb.call(&Message {
+                id: &p.id,
+                destination: p.destination,
                 headers,
                 body,
-                *redelivered,
-            )
+                redelivered: p.redelivered,
+            })
         };
-        if how != Run::Careful {
-            return match call() {
+        if let Run::Plain { direct } = how {
+            // Parsed once, used by the record and by the callback.
+            let (headers, body) = (p.headers_jsonb(), inbox::jsonb(body));
+            // A plain run writes the row directly: a message id recorded
+            // before fails the run, and the careful run's statement sorts it
+            // out. Where that is likely (a redelivery, or a batch just now
+            // that met ids recorded before) the statement is used from the
+            // start.
+            let direct = direct && !p.redelivered;
+            let Some(_) = inbox::record(&p.id, sub, p.destination, headers, body, direct) else {
+                self.met_recorded.set(true);
+                return Ok(Verdict::Ack); // consumed or discarded before
+            };
+            self.calling.set(Some(i));
+            let outcome = calling(headers, body);
+            self.calling.set(None);
+            return Ok(match outcome {
                 Some(false) => Verdict::DeadLetter,
                 _ => Verdict::Ack,
-            };
+            });
         }
+        let recorded = tx::subtransaction(
+            || {
+                let (headers, body) = (p.headers_jsonb(), inbox::jsonb(body));
+                let attempts = inbox::record(&p.id, sub, p.destination, headers, body, false);
+                (headers, body, attempts)
+            },
+            |_| true,
+        );
+        let (headers, body, attempts) = match recorded {
+            Ok(r) => r,
+            Err(e) if e.transient => return Err(e),
+            Err(e) => return Ok(self.poison(p, &format!("could not record the message: {e}"))),
+        };
+        let Some(attempts) = attempts else {
+            self.met_recorded.set(true);
+            return Ok(Verdict::Ack); // consumed or discarded before: the effect happened once
+        };
         // A callback that returns false discards the message: nothing it
         // wrote persists.
-        let outcome = unsafe { call_in_subtransaction(call, |r| *r != Some(false)) };
+        let outcome = match preset {
+            Some(why) => Err(why.to_string()),
+            None => tx::subtransaction(|| calling(headers, body), |r| *r != Some(false))
+                .map_err(|e| callback::explain(e.message)),
+        };
         let verdict = match outcome {
             Ok(Some(false)) => {
-                finish(id, "discarded", None);
+                inbox::finish(&p.id, "discarded", None);
                 Verdict::DeadLetter
             }
             Ok(_) => Verdict::Ack,
             Err(why) => {
-                finish(id, "failed", Some(&why));
+                inbox::finish(&p.id, "failed", Some(&why));
                 if attempts >= guc::MAXIMUM_RETRY_ATTEMPTS.get() {
                     Verdict::DeadLetter
                 } else {
@@ -615,40 +791,36 @@ impl Consumer {
         };
         if let Verdict::DeadLetter = verdict {
             debug1!(
-                "outbox consumer \"{}\": message {id} sent to DLQ.{}",
+                "outbox consumer \"{}\": message {} sent to DLQ.{}",
                 sub.name,
+                p.id,
                 sub.queue
             );
         }
-        verdict
+        Ok(verdict)
     }
-}
 
-/// A MESSAGE's parts as the inbox stores them, borrowed from the frame
-/// where they need no change.
-struct Prepared<'a> {
-    id: String,
-    destination: &'a str,
-    headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
-    /// None: not JSON that jsonb accepts (the message is dead-lettered).
-    body: Option<&'a str>,
-    redelivered: bool,
-}
-
-impl Prepared<'_> {
-    fn new(m: &Frame) -> Prepared<'_> {
-        // Valid JSON that jsonb also accepts (jsonb has no \u0000): a body
-        // Postgres would refuse must not make the worker fail over and over.
-        let body = std::str::from_utf8(&m.body).ok().filter(|b| {
-            !b.contains("\\u0000") && serde_json::from_str::<serde::de::IgnoredAny>(b).is_ok()
-        });
-        Prepared {
-            id: message_id(m),
-            destination: m.get("destination").unwrap_or_default(),
-            headers: stored_headers(m),
-            body,
-            redelivered: m.get("redelivered") == Some("true"),
+    /// A message nothing of which can run: recorded `failed` with the
+    /// reason (in a subtransaction: even that may fail) and dead-lettered.
+    fn poison(&self, p: &Prepared, reason: &str) -> Verdict {
+        let recorded = tx::subtransaction(|| inbox::record_failed(p, &self.sub, reason), |_| true);
+        match recorded {
+            // Consumed before under the same id: the effect happened once.
+            Ok(None) => return Verdict::Ack,
+            Ok(Some(_)) => {}
+            Err(e) => warning!(
+                "outbox consumer \"{}\": could not record message {} as failed: {e}",
+                self.sub.name,
+                p.id
+            ),
         }
+        warning!(
+            "outbox consumer \"{}\": message {}: {reason}; sent to DLQ.{}",
+            self.sub.name,
+            p.id,
+            self.sub.queue
+        );
+        Verdict::DeadLetter
     }
 }
 
@@ -711,282 +883,5 @@ fn subscribe(
             }
             _ => {}
         }
-    }
-}
-
-/// cap-msg-id, else dop-msg-id, else amqp-message-id, else message-id.
-fn message_id(m: &Frame) -> String {
-    ["cap-msg-id", "dop-msg-id", "amqp-message-id", "message-id"]
-        .iter()
-        .find_map(|h| m.get(h).filter(|v| !v.is_empty()))
-        .unwrap_or_default()
-        .replace('\0', "\u{FFFD}")
-}
-
-/// A jsonb datum from JSON text that is known to be valid.
-fn jsonb(text: &str) -> pg_sys::Datum {
-    let c = std::ffi::CString::new(text).unwrap_or_default();
-    unsafe {
-        pgrx::direct_function_call_as_datum(
-            pg_sys::jsonb_in,
-            &[Some(pg_sys::Datum::from(c.as_ptr()))],
-        )
-        .expect("jsonb_in returns a value")
-    }
-}
-
-/// The MESSAGE's headers as the inbox stores them: each name once (the
-/// first of repeated names, as STOMP 1.2 reads them); NUL, which STOMP
-/// allows and jsonb does not, becomes U+FFFD.
-fn stored_headers(m: &Frame) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
-    fn clean(s: &str) -> Cow<'_, str> {
-        if s.contains('\0') {
-            Cow::Owned(s.replace('\0', "\u{FFFD}"))
-        } else {
-            Cow::Borrowed(s)
-        }
-    }
-    let mut seen = std::collections::HashSet::with_capacity(m.headers.len());
-    m.headers
-        .iter()
-        .map(|(k, v)| (clean(k), v))
-        .filter(|(k, _)| seen.insert(k.clone()))
-        .map(|(k, v)| (k, clean(v)))
-        .collect()
-}
-
-/// Stored headers as borrowed pairs, for `jsonb::object` and `headers::to_json`.
-fn pairs<'a>(headers: &'a [(Cow<'_, str>, Cow<'_, str>)]) -> Vec<(&'a str, Cow<'a, str>)> {
-    headers
-        .iter()
-        .map(|(k, v)| (k.as_ref(), Cow::Borrowed(v.as_ref())))
-        .collect()
-}
-
-const RECORD: &std::ffi::CStr = c"INSERT INTO outbox.received AS r \
-     (message_id, subscription, destination, headers, body, status, processed_at) \
-     VALUES ($1, $2, $3, $4, $5, 'consumed', pg_catalog.clock_timestamp()) \
-     ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts OPERATOR(pg_catalog.+) 1, \
-         subscription = excluded.subscription, body = excluded.body, headers = excluded.headers, \
-         status = 'consumed', last_error = NULL, processed_at = excluded.processed_at \
-     WHERE r.status = 'failed' \
-     RETURNING r.attempts";
-
-thread_local! {
-    /// RECORD, prepared once per worker.
-    static RECORD_PLAN: std::cell::Cell<pg_sys::SPIPlanPtr> = const { std::cell::Cell::new(std::ptr::null_mut()) };
-}
-
-/// Records the message id as consumed; Some(attempts) when the callback
-/// must run (new, or failed before), None when it was consumed or
-/// discarded already. The row says `consumed` unless the callback's
-/// outcome changes it (`finish`), so success costs no second write.
-///
-/// `direct`: insert the row without a statement (see `direct`) where the
-/// table allows it; an id recorded before then raises a unique violation
-/// instead of being looked at.
-fn record(
-    id: &str,
-    sub: &Subscription,
-    destination: &str,
-    headers: pg_sys::Datum,
-    body: pg_sys::Datum,
-    direct: bool,
-) -> Option<i32> {
-    let text = |s: &str| unsafe {
-        pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-            s.as_ptr().cast(),
-            s.len() as i32,
-        ))
-    };
-    let (id_text, sub_text, destination_text) = (text(id), text(&sub.name), text(destination));
-    if direct
-        && crate::direct::insert_received(&crate::direct::Received {
-            message_id: id_text,
-            subscription: sub_text,
-            destination: destination_text,
-            headers,
-            body,
-        })
-    {
-        // As after a statement: the callback's own statements see the row.
-        unsafe { pg_sys::CommandCounterIncrement() };
-        return Some(1);
-    }
-    unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            error!("outbox consumer: could not connect to SPI");
-        }
-        let mut plan = RECORD_PLAN.with(|p| p.get());
-        if plan.is_null() {
-            let mut types = [
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::TEXTOID,
-                pg_sys::JSONBOID,
-                pg_sys::JSONBOID,
-            ];
-            plan = pg_sys::SPI_prepare(RECORD.as_ptr(), 5, types.as_mut_ptr());
-            pg_sys::SPI_keepplan(plan);
-            RECORD_PLAN.with(|p| p.set(plan));
-        }
-        let mut values = [id_text, sub_text, destination_text, headers, body];
-        let nulls = [b' ' as std::ffi::c_char; 5];
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-        if rc != pg_sys::SPI_OK_INSERT_RETURNING as i32 {
-            error!("outbox consumer: could not record message {id} (SPI code {rc})");
-        }
-        let attempts = if pg_sys::SPI_processed == 0 {
-            None
-        } else {
-            let table = pg_sys::SPI_tuptable;
-            let mut isnull = false;
-            let d = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut isnull);
-            (!isnull).then(|| d.value() as i32)
-        };
-        pg_sys::SPI_finish();
-        attempts
-    }
-}
-
-fn record_malformed(id: &str, sub: &Subscription, destination: &str, headers: &str) {
-    Spi::connect_mut(|c| {
-        let _ = c.update(
-            "INSERT INTO outbox.received AS r (message_id, subscription, destination, headers, status, last_error, processed_at) \
-             VALUES ($1, $2, $3, $4::jsonb, 'failed', 'malformed body: not JSON (or JSON that jsonb cannot store)', pg_catalog.clock_timestamp()) \
-             ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts + 1, last_error = excluded.last_error, \
-                 processed_at = excluded.processed_at WHERE r.status = 'failed'",
-            None,
-            &[
-                DatumWithOid::from(id),
-                DatumWithOid::from(sub.name.as_str()),
-                DatumWithOid::from(destination),
-                DatumWithOid::from(headers),
-            ],
-        );
-    });
-    warning!(
-        "outbox consumer \"{}\": message {id} is not JSON; sent to DLQ.{}",
-        sub.name,
-        sub.queue
-    );
-}
-
-fn finish(id: &str, status: &str, error: Option<&str>) {
-    Spi::connect_mut(|c| {
-        c.update(
-            "UPDATE outbox.received SET status = $2::outbox.receipt_status, last_error = $3, \
-                 processed_at = pg_catalog.clock_timestamp() WHERE message_id = $1",
-            None,
-            &[
-                DatumWithOid::from(id),
-                DatumWithOid::from(status),
-                DatumWithOid::from(error),
-            ],
-        )
-        .unwrap_or_else(|e| error!("outbox consumer: could not record message {id}: {e}"));
-    });
-}
-
-/// Runs `f` in a subtransaction: its work is kept when `keep` approves the
-/// result, rolled back otherwise and on error (whose message is returned).
-unsafe fn call_in_subtransaction<R>(
-    f: impl FnOnce() -> R,
-    keep: impl FnOnce(&R) -> bool,
-) -> Result<R, String> {
-    unsafe {
-        let cxt = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(cxt);
-        let result = pgrx::PgTryBuilder::new(AssertUnwindSafe(|| {
-            let r = f();
-            if keep(&r) {
-                pg_sys::ReleaseCurrentSubTransaction();
-            } else {
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            }
-            Ok(r)
-        }))
-        .catch_others(|e| {
-            pg_sys::MemoryContextSwitchTo(cxt);
-            let message = match &e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-                    r.message().to_string()
-                }
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            };
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            Err(message)
-        })
-        .execute();
-        pg_sys::MemoryContextSwitchTo(cxt);
-        pg_sys::CurrentResourceOwner = owner;
-        result
-    }
-}
-
-/// Calls the callback with an `outbox.message`, as the subscription's
-/// owner in a security-restricted operation (no SET ROLE, no escaping to
-/// the worker's superuser). Some(b) for a boolean result.
-#[allow(clippy::too_many_arguments)]
-fn call(
-    finfo: *mut pg_sys::FmgrInfo,
-    sub: &Subscription,
-    message_type: pg_sys::Oid,
-    id: &str,
-    destination: &str,
-    headers: pg_sys::Datum,
-    body: pg_sys::Datum,
-    redelivered: bool,
-) -> Option<bool> {
-    unsafe {
-        let desc = pg_sys::lookup_rowtype_tupdesc(message_type, -1);
-        let text = |s: &str| {
-            pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-                s.as_ptr().cast(),
-                s.len() as i32,
-            ))
-        };
-        let mut values = [
-            text(id),
-            text(destination),
-            headers,
-            body,
-            pg_sys::Datum::from(redelivered),
-        ];
-        let mut nulls = [false; 5];
-        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let row = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        pg_sys::DecrTupleDescRefCount(desc);
-
-        let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(
-            sub.owner,
-            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
-                as i32,
-        );
-        let size =
-            size_of::<pg_sys::FunctionCallInfoBaseData>() + size_of::<pg_sys::NullableDatum>();
-        let fcinfo = pg_sys::palloc0(size).cast::<pg_sys::FunctionCallInfoBaseData>();
-        (*fcinfo).flinfo = finfo;
-        (*fcinfo).nargs = 1;
-        (*fcinfo).fncollation = pg_sys::InvalidOid;
-        (*fcinfo).args.as_mut_slice(1)[0] = pg_sys::NullableDatum {
-            value: row,
-            isnull: false,
-        };
-        let f = (*finfo).fn_addr.expect("fmgr_info sets fn_addr");
-        // Settings the callback changes (SET, SET LOCAL) end with the call:
-        // callbacks of a batch share a transaction, and none may change
-        // the worker's session for the messages after it.
-        let guc_level = pg_sys::NewGUCNestLevel();
-        // An error unwinds past the restores below: aborting the
-        // subtransaction restores the user id and the settings.
-        let result = pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| f(fcinfo));
-        pg_sys::AtEOXact_GUC(false, guc_level);
-        pg_sys::SetUserIdAndSecContext(user, sec);
-        (sub.returns_bool && !(*fcinfo).isnull).then(|| result.value() != 0)
     }
 }

@@ -58,6 +58,12 @@ impl Link {
         }
     }
 
+    /// Forgets the backoff: the next attempt is due now.
+    pub fn retry_now(&mut self) {
+        self.reconnect_at = None;
+        self.backoff.reset();
+    }
+
     /// How long until the next connection attempt is due (zero: now).
     pub fn backing_off(&self) -> Duration {
         self.reconnect_at

@@ -2,10 +2,15 @@
 //! `outbox.database`, registered with the postmaster at preload time), which
 //! also supervises the consumers (one dynamic worker per subscription).
 
+mod callback;
 pub mod consumer;
+mod inbox;
+mod keeper;
 pub mod link;
 pub mod publisher;
+mod subscription;
 pub mod supervisor;
+mod tx;
 
 use std::time::Duration;
 
@@ -48,6 +53,22 @@ pub fn ignore_session_limits() {
     }
 }
 
+/// Pins the worker's `search_path` to PostgreSQL's default, whatever the
+/// database's or role's settings say: the callbacks it runs see a known
+/// path (they may set their own, which ends with the call), and its own
+/// statements qualify every name anyway.
+pub fn pin_search_path() {
+    // SAFETY: setting a GUC by name from the worker's main thread.
+    unsafe {
+        pgrx::pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"\"$user\", public".as_ptr(),
+            pgrx::pg_sys::GucContext::PGC_SUSET,
+            pgrx::pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
 /// Whether the extension's table `outbox.<name>` exists in this database
 /// (the extension may not be created yet, or may have been dropped). Runs
 /// inside the caller's transaction.
@@ -59,4 +80,43 @@ pub fn table_exists(name: &str) -> bool {
     .ok()
     .flatten()
     .unwrap_or(false)
+}
+
+/// Shows the worker at work in `pg_stat_activity`.
+pub fn busy(what: &str) {
+    if let Ok(c) = std::ffi::CString::new(what) {
+        // SAFETY: a NUL-terminated string PostgreSQL copies.
+        unsafe {
+            pgrx::pg_sys::pgstat_report_activity(
+                pgrx::pg_sys::BackendState::STATE_RUNNING,
+                c.as_ptr(),
+            )
+        };
+    }
+}
+
+/// Shows the worker waiting in `pg_stat_activity`, and sends its table
+/// statistics; returns how soon the worker must wake to send what could not
+/// go yet (None: nothing left).
+pub fn idle() -> Option<std::time::Duration> {
+    // SAFETY: a plain report to the statistics system.
+    unsafe {
+        pgrx::pg_sys::pgstat_report_activity(
+            pgrx::pg_sys::BackendState::STATE_IDLE,
+            std::ptr::null(),
+        );
+    }
+    report_stats()
+}
+
+/// Hands the table changes of committed transactions to the statistics
+/// system (at most once a second, as a backend does), so that autovacuum
+/// sees the churn the workers make. Some(wait) when some are still held
+/// back: call again after that.
+pub fn report_stats() -> Option<std::time::Duration> {
+    // SAFETY: outside a transaction; without force it returns at once when
+    // it reported less than a second ago.
+    let held = unsafe { pgrx::pg_sys::pgstat_report_stat(false) };
+    // A backend would flush after its idle timeout; a second is soon enough.
+    (held > 0).then_some(std::time::Duration::from_secs(1))
 }

@@ -36,8 +36,10 @@ const SAFETY_POLL: Duration = Duration::from_secs(60);
 pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = guc::text(&guc::DATABASE);
+    crate::latch::in_worker();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     super::ignore_session_limits();
+    super::pin_search_path();
     let shared = wake::SHARED.get();
     shared
         .publisher_pid
@@ -57,10 +59,21 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
             p.reload();
         }
         shared.publisher_busy.store(true, Ordering::Release);
-        let wait = p.step();
+        let mut wait = p.step();
         shared.publisher_busy.store(false, Ordering::Release);
         shared.publisher_failures.store(0, Ordering::Release);
-        stop = !wait.is_zero() && !BackgroundWorker::wait_latch(Some(wait));
+        if !wait.is_zero()
+            && let Some(flush) = super::idle()
+        {
+            // Statistics held back: come back for them soon.
+            wait = wait.min(flush);
+        }
+        // A commit's wake-up consumed by a wait on the broker counts too.
+        let woken = crate::latch::take_woken();
+        stop = !wait.is_zero()
+            && !woken
+            && !p.supervisor.pending()
+            && !BackgroundWorker::wait_latch(Some(wait));
     }
     p.disconnect();
     report.stopped();
@@ -171,6 +184,16 @@ impl Publisher {
     /// Does one unit of work; returns how long to sleep (zero: go on).
     fn step(&mut self) -> Duration {
         let poll = Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(1) as u64);
+        // Consumers first, at every wake-up: at start, when subscriptions
+        // changed (whichever wake-up brought that), and now and then (a
+        // consumer that could not start is tried again).
+        let force = self
+            .supervised_at
+            .is_none_or(|t| t.elapsed() >= SAFETY_POLL.min(poll * 10));
+        if force {
+            self.supervised_at = Some(Instant::now());
+        }
+        self.supervisor.run(force);
         if self.idle && !self.should_look(poll) {
             return self.idle_wait(poll);
         }
@@ -184,15 +207,6 @@ impl Publisher {
             }
             self.ready = true;
         }
-        // Consumers: at start, when subscriptions changed, and now and then
-        // (a consumer that could not start is tried again).
-        let force = self
-            .supervised_at
-            .is_none_or(|t| t.elapsed() >= SAFETY_POLL.min(poll * 10));
-        if force {
-            self.supervised_at = Some(Instant::now());
-        }
-        self.supervisor.run(force);
         retention();
         if self.link.conn.is_none() {
             let wait = self.link.backing_off();
@@ -203,7 +217,11 @@ impl Publisher {
                 |_| Ok(()),
                 |host, e| format!("could not connect to broker at {host}: {e}"),
             ) {
-                Some((host, true)) => log!("outbox publisher: connected to broker at {host}"),
+                Some((host, true)) => {
+                    log!("outbox publisher: connected to broker at {host}");
+                    // Consumers backing off from the same outage try now.
+                    wake::broker_returned();
+                }
                 Some((host, false)) => debug1!("outbox publisher: connected to broker at {host}"),
                 None => return self.link.backing_off(),
             }
@@ -300,6 +318,10 @@ impl Publisher {
                 (rows.len(), rows.last().map(|r| r.id), verdict, next_due)
             }));
         self.last_query = Some(Instant::now());
+        if claimed > 0 {
+            super::busy(&format!("delivered a batch of {claimed} message(s)"));
+            let _ = super::report_stats();
+        }
         self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
         if let Some(max) = verdict.isolate.iter().max() {
             isolate_upto = Some(isolate_upto.map_or(*max, |u| u.max(*max)));

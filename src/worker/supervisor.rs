@@ -2,6 +2,13 @@
 //! per row of `outbox.subscriptions`, started as a dynamic background worker
 //! in a reserved shared-memory *slot*. A consumer stops itself when its
 //! subscription goes away; the postmaster restarts one that crashed.
+//!
+//! Vocabulary: the subscriptions *generation* (shared memory) is bumped at
+//! the commit of every change to them; the supervisor has *seen* the one it
+//! last acted on. The generation, not the commit wake-up that comes with
+//! it, says whether to look again: the publisher consumes wake-ups for its
+//! own work (a batch after a reconnect takes the commit count), so it asks
+//! [`Supervisor::pending`] at every wake-up and before every sleep.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,10 +33,22 @@ pub struct Supervisor {
 
 use crate::wake::now_ms;
 
+fn generation() -> u64 {
+    wake::SHARED.get().subscriptions.load(Ordering::Acquire)
+}
+
 impl Supervisor {
+    /// Whether subscriptions changed since the supervisor last looked (one
+    /// atomic load: cheap enough for every wake-up of the publisher).
+    pub fn pending(&self) -> bool {
+        self.seen != Some(generation())
+    }
+
     /// Starts the missing consumers when subscriptions changed (or `force`).
     pub fn run(&mut self, force: bool) {
-        let generation = wake::SHARED.get().subscriptions.load(Ordering::Acquire);
+        // Read before the table: a change committed after this read bumps
+        // the generation again, so `pending` stays true until it is seen.
+        let generation = generation();
         if !force && self.seen == Some(generation) {
             return;
         }

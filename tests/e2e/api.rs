@@ -493,7 +493,7 @@ fn the_outbox_row_honours_what_is_added_to_the_table() {
     c.batch_execute(
         "CREATE TABLE seen (message_id uuid);
          CREATE FUNCTION note_row() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN INSERT INTO seen VALUES (NEW.message_id); RETURN NEW; END $$;",
+           $$ BEGIN INSERT INTO public.seen VALUES (NEW.message_id); RETURN NEW; END $$;",
     )
     .unwrap();
     fn publish(c: &mut impl postgres::GenericClient, n: i32) -> String {

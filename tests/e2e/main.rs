@@ -4,6 +4,7 @@
 mod activemq;
 mod api;
 mod delivery;
+mod hardening;
 mod inbox;
 mod operations;
 mod regress;

@@ -35,6 +35,7 @@ pub fn config() -> Config {
         heartbeat: (0, 0),
         connect_timeout: Duration::from_secs(5),
         tls: None,
+        hooks: None,
     }
 }
 
