@@ -145,7 +145,7 @@ finfo_v1!(pg_finfo_outbox_workers);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn outbox_workers(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    use crate::wake::{PUBLISHER, SLOTS, Slot};
+    use crate::shmem::{PUBLISHER, SLOTS, Slot};
     let mut list = Vec::new();
     let entry = |kind: &str, s: &Slot| {
         let ts = |ms: i64| {
@@ -167,7 +167,7 @@ pub unsafe extern "C-unwind" fn outbox_workers(_fcinfo: pg_sys::FunctionCallInfo
             "last_error_at": ts(s.error_at),
         })
     };
-    if crate::wake::preloaded() {
+    if crate::shmem::preloaded() {
         list.push(entry("publisher", &PUBLISHER.share()));
         for s in SLOTS.share().0.iter().filter(|s| s.used) {
             list.push(entry("consumer", s));

@@ -39,6 +39,10 @@ pub static DAYS_TO_KEEP_DATA: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static CLEANUP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+/// Most consumer workers: the upper bound of `outbox.max_consumers`, and
+/// the consumer slots in shared memory.
+pub const CONSUMER_SLOTS: usize = 64;
+
 pub static MAX_CONSUMERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static CALLBACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
@@ -68,7 +72,7 @@ pub fn init() {
             c"",
             &MAX_CONSUMERS,
             0,
-            crate::wake::MAX_CONSUMERS as i32,
+            CONSUMER_SLOTS as i32,
             GucContext::Postmaster,
             none,
         );

@@ -11,6 +11,8 @@ mod guc;
 mod headers;
 mod jsonb;
 mod latch;
+mod shmem;
+mod status;
 // A complete STOMP client; the workers use part of it.
 #[allow(dead_code)]
 mod stomp;
@@ -39,7 +41,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     guc::init();
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
-        wake::init_shared_memory();
+        shmem::init_shared_memory();
         worker::register();
     }
 }

@@ -739,6 +739,13 @@ impl Connection {
         true
     }
 
+    /// Changes how the connection waits (see [`Hooks`]); returns the hooks it had. A thread
+    /// that borrows the connection from a host whose hooks only its main thread may run
+    /// takes them out first.
+    pub fn set_hooks(&mut self, hooks: Option<Hooks>) -> Option<Hooks> {
+        std::mem::replace(&mut self.hooks, hooks)
+    }
+
     /// A fresh receipt id unique within this connection (`r-<n>`), for callers that need one.
     pub fn next_receipt_id(&mut self) -> String {
         self.receipt_seq += 1;

@@ -22,7 +22,11 @@ use crate::latch::UserCode;
 static TIMED_OUT: AtomicBool = AtomicBool::new(false);
 
 pub struct Callback {
-    /// fmgr's entry for the function, in TopMemoryContext (once per worker).
+    /// Where fmgr's entry and what the function caches in it live; deleted
+    /// with the Callback (a subscription refused and allowed again resolves
+    /// anew without growing the worker's memory).
+    memory: pg_sys::MemoryContext,
+    /// fmgr's entry for the function.
     finfo: *mut pg_sys::FmgrInfo,
     message_type: pg_sys::Oid,
     returns_bool: bool,
@@ -96,18 +100,23 @@ impl Callback {
     /// Resolves `sub`'s callback, once it passed [`refusal`]. Runs in a
     /// transaction.
     pub fn resolve(sub: &Subscription, message_type: pg_sys::Oid) -> Callback {
-        // SAFETY: a zeroed FmgrInfo in a context that lives as long as the
-        // worker, filled by fmgr for an existing function.
-        let finfo = unsafe {
-            let finfo = pg_sys::MemoryContextAllocZero(
+        // SAFETY: a zeroed FmgrInfo in a context of its own that lives as
+        // long as the Callback, filled by fmgr for an existing function.
+        let (memory, finfo) = unsafe {
+            let memory = pg_sys::AllocSetContextCreateInternal(
                 pg_sys::TopMemoryContext,
-                size_of::<pg_sys::FmgrInfo>(),
-            )
-            .cast::<pg_sys::FmgrInfo>();
-            pg_sys::fmgr_info_cxt(sub.callback, finfo, pg_sys::TopMemoryContext);
-            finfo
+                c"outbox callback".as_ptr(),
+                pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            );
+            let finfo = pg_sys::MemoryContextAllocZero(memory, size_of::<pg_sys::FmgrInfo>())
+                .cast::<pg_sys::FmgrInfo>();
+            pg_sys::fmgr_info_cxt(sub.callback, finfo, memory);
+            (memory, finfo)
         };
         Callback {
+            memory,
             finfo,
             message_type,
             returns_bool: sub.returns_bool,
@@ -179,6 +188,14 @@ impl Callback {
             pg_sys::SetUserIdAndSecContext(user, sec);
             (self.returns_bool && !(*fcinfo).isnull).then(|| result.value() != 0)
         }
+    }
+}
+
+impl Drop for Callback {
+    fn drop(&mut self) {
+        // SAFETY: the context was made by `resolve` and nothing else points
+        // into it once the Callback is gone.
+        unsafe { pg_sys::MemoryContextDelete(self.memory) };
     }
 }
 

@@ -32,9 +32,9 @@ use super::subscription::{self, Subscription};
 use super::{keeper, tx};
 use crate::guc;
 use crate::latch;
+use crate::shmem::SLOTS;
 use crate::stomp::client::{Connection, StompError};
 use crate::stomp::frame::{Command, Frame};
-use crate::wake::{self, SLOTS};
 
 /// Longest sleep between two looks at the subscription and the signals.
 const TICK: Duration = Duration::from_millis(500);
@@ -90,7 +90,7 @@ fn queue_headers() -> Vec<(String, String)> {
 }
 
 fn broker_returns() -> u64 {
-    wake::SHARED
+    crate::shmem::SHARED
         .get()
         .broker_returns
         .load(std::sync::atomic::Ordering::Acquire)
@@ -163,7 +163,7 @@ fn claim_slot(name: &str) -> bool {
     }
     match slots.0.iter_mut().find(|s| !s.used) {
         Some(s) => {
-            *s = wake::Slot::EMPTY;
+            *s = crate::shmem::Slot::EMPTY;
             s.used = true;
             s.pid = me;
             s.set_name(name);
@@ -183,17 +183,17 @@ fn release_slot_if(name: &str, for_good: bool) {
     let mut slots = SLOTS.exclusive();
     if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
         if for_good {
-            *s = wake::Slot::EMPTY;
+            *s = crate::shmem::Slot::EMPTY;
         } else {
             s.pid = 0;
-            s.reserved_at = crate::wake::now_ms();
+            s.reserved_at = crate::shmem::now_ms();
         }
     }
 }
 
 struct Consumer {
     sub: Subscription,
-    report: wake::Reporter,
+    report: crate::status::Reporter,
     link: Link,
     generation: u64,
     /// The callback, resolved; None while the subscription is refused.
@@ -230,7 +230,7 @@ type Attempt = Result<Verdict, tx::Failure>;
 
 impl Consumer {
     fn new(sub: Subscription) -> Consumer {
-        let report = wake::Reporter::Consumer(sub.name.clone());
+        let report = crate::status::Reporter::Consumer(sub.name.clone());
         report.started();
         let link = Link::new(format!("outbox consumer \"{}\"", sub.name), report.clone());
         let message_type = BackgroundWorker::transaction(|| {
@@ -245,7 +245,7 @@ impl Consumer {
             report,
             link,
             sub,
-            generation: wake::SHARED
+            generation: crate::shmem::SHARED
                 .get()
                 .subscriptions
                 .load(std::sync::atomic::Ordering::Acquire),
@@ -308,7 +308,7 @@ impl Consumer {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 self.link.reload();
             }
-            let generation = wake::SHARED
+            let generation = crate::shmem::SHARED
                 .get()
                 .subscriptions
                 .load(std::sync::atomic::Ordering::Acquire);
@@ -488,7 +488,7 @@ impl Consumer {
                 // we leave.
                 break;
             }
-            let changed = wake::SHARED
+            let changed = crate::shmem::SHARED
                 .get()
                 .subscriptions
                 .load(std::sync::atomic::Ordering::Acquire)

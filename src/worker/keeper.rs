@@ -18,14 +18,17 @@ pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> R {
         return work();
     }
     let (stop, stopped) = mpsc::channel::<()>();
-    std::thread::scope(|s| {
+    // The latch hooks call into PostgreSQL: the keeper waits in the kernel.
+    let hooks = conn.set_hooks(None);
+    let borrowed = &mut *conn;
+    let r = std::thread::scope(|s| {
         let keeper = {
             // The thread starts with every signal blocked (it inherits the
             // mask): PostgreSQL's handlers must run on the main thread.
             let _blocked = SignalsBlocked::new();
             s.spawn(move || {
                 loop {
-                    let nap = conn
+                    let nap = borrowed
                         .keepalive_due_in()
                         .unwrap_or(Duration::from_secs(1))
                         .max(Duration::from_millis(5));
@@ -33,7 +36,7 @@ pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> R {
                         Err(RecvTimeoutError::Timeout) => {
                             // A broken connection is found again by the main
                             // thread's next read.
-                            if conn.keepalive().is_err() {
+                            if borrowed.keepalive().is_err() {
                                 return;
                             }
                         }
@@ -46,7 +49,9 @@ pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> R {
         drop(stop);
         let _ = keeper.join();
         r
-    })
+    });
+    conn.set_hooks(hooks);
+    r
 }
 
 /// Every signal blocked in the calling thread until dropped.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 
 use crate::broker::{self, Backoff};
+use crate::status::Reporter;
 use crate::stomp::client::{Config, Connection, StompError};
-use crate::wake::Reporter;
 
 pub struct Link {
     pub config: Config,

@@ -110,13 +110,26 @@ pub fn idle() -> Option<std::time::Duration> {
 }
 
 /// Hands the table changes of committed transactions to the statistics
-/// system (at most once a second, as a backend does), so that autovacuum
-/// sees the churn the workers make. Some(wait) when some are still held
-/// back: call again after that.
+/// system, at most once a second (as a backend does), so that autovacuum
+/// sees the churn the workers make. Some(wait) when changes are held back:
+/// call again after that.
+///
+/// PostgreSQL's own throttle cannot be used: it measures time by the last
+/// transaction's end, which stands still in an idle worker, so it would
+/// hold the last changes back for good.
 pub fn report_stats() -> Option<std::time::Duration> {
-    // SAFETY: outside a transaction; without force it returns at once when
-    // it reported less than a second ago.
-    let held = unsafe { pgrx::pg_sys::pgstat_report_stat(false) };
-    // A backend would flush after its idle timeout; a second is soon enough.
-    (held > 0).then_some(std::time::Duration::from_secs(1))
+    use std::time::{Duration, Instant};
+    const EVERY: Duration = Duration::from_secs(1);
+    thread_local! {
+        static SENT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    }
+    match SENT.get() {
+        Some(at) if at.elapsed() < EVERY => Some(EVERY - at.elapsed()),
+        _ => {
+            // SAFETY: outside a transaction, from the worker's main thread.
+            unsafe { pgrx::pg_sys::pgstat_report_stat(true) };
+            SENT.set(Some(Instant::now()));
+            None
+        }
+    }
 }

@@ -40,13 +40,13 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     super::ignore_session_limits();
     super::pin_search_path();
-    let shared = wake::SHARED.get();
+    let shared = crate::shmem::SHARED.get();
     shared
         .publisher_pid
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
     log!("outbox publisher started for database \"{database}\"");
 
-    let report = wake::Reporter::Publisher;
+    let report = crate::status::Reporter::Publisher;
     report.started();
     let mut p = Publisher::new();
     let mut stop = !back_off_after_errors(shared);
@@ -90,7 +90,7 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
 /// `outbox.maximum_backoff`, on top of the postmaster's 1 s restart time,
 /// instead of re-sending the same batch every second. False when the
 /// worker must exit meanwhile.
-fn back_off_after_errors(shared: &wake::Shared) -> bool {
+fn back_off_after_errors(shared: &crate::shmem::Shared) -> bool {
     if !shared.publisher_busy.swap(false, Ordering::AcqRel) {
         shared.publisher_failures.store(0, Ordering::Release);
         return true;
@@ -159,7 +159,10 @@ struct Publisher {
 impl Publisher {
     fn new() -> Publisher {
         Publisher {
-            link: Link::new("outbox publisher".into(), wake::Reporter::Publisher),
+            link: Link::new(
+                "outbox publisher".into(),
+                crate::status::Reporter::Publisher,
+            ),
             isolate_upto: None,
             cursor: 0,
             last_query: None,
@@ -341,9 +344,9 @@ impl Publisher {
             _ => 0,
         };
         let sent = verdict.published.len() as u64;
-        wake::Reporter::Publisher.count(sent);
+        crate::status::Reporter::Publisher.count(sent);
         if let Some((id, why)) = verdict.refused.last() {
-            wake::Reporter::Publisher.error(&format!("message {id}: {why}"));
+            crate::status::Reporter::Publisher.error(&format!("message {id}: {why}"));
         }
         if let Some(why) = verdict.lost {
             self.link.broke(why);
@@ -373,8 +376,8 @@ fn release_free_memory() {
 /// Deletes finished rows older than `outbox.days_to_keep_data`, at most
 /// once per `outbox.cleanup_interval`, one bounded batch per transaction.
 fn retention() {
-    let shared = wake::SHARED.get();
-    let now = wake::now_ms();
+    let shared = crate::shmem::SHARED.get();
+    let now = crate::shmem::now_ms();
     let interval = i64::from(guc::CLEANUP_INTERVAL_S.get().max(1)) * 1000;
     let last = shared.cleaned_at.load(Ordering::Acquire);
     if last != 0 && now - last < interval {

@@ -18,7 +18,7 @@ use pgrx::prelude::*;
 use pgrx::spi::Spi;
 
 use crate::guc;
-use crate::wake::{self, SLOTS};
+use crate::shmem::SLOTS;
 
 /// A reservation whose worker never took it is given up after this long.
 const STALE_RESERVATION_MS: i64 = 10_000;
@@ -31,10 +31,13 @@ pub struct Supervisor {
     logged: Option<String>,
 }
 
-use crate::wake::now_ms;
+use crate::shmem::now_ms;
 
 fn generation() -> u64 {
-    wake::SHARED.get().subscriptions.load(Ordering::Acquire)
+    crate::shmem::SHARED
+        .get()
+        .subscriptions
+        .load(Ordering::Acquire)
 }
 
 impl Supervisor {
@@ -70,7 +73,7 @@ impl Supervisor {
                 .unwrap_or_default()
             })
         });
-        let limit = (guc::MAX_CONSUMERS.get().max(0) as usize).min(wake::MAX_CONSUMERS);
+        let limit = (guc::MAX_CONSUMERS.get().max(0) as usize).min(crate::guc::CONSUMER_SLOTS);
         for name in names {
             if let Err(problem) = self.ensure(&name, limit)
                 && self.logged.as_deref() != Some(problem.as_str())
@@ -93,7 +96,7 @@ impl Supervisor {
                 }
             }
             if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
-                *s = wake::Slot::EMPTY;
+                *s = crate::shmem::Slot::EMPTY;
             }
             if slots.0.iter().filter(|s| s.used).count() >= limit {
                 return Err(format!(
@@ -105,7 +108,7 @@ impl Supervisor {
                     "subscription \"{name}\" has no consumer: no free slot"
                 ));
             };
-            *slot = wake::Slot::EMPTY;
+            *slot = crate::shmem::Slot::EMPTY;
             slot.used = true;
             slot.reserved_at = now;
             slot.set_name(name);
@@ -121,7 +124,7 @@ impl Supervisor {
             .set_restart_time(Some(Duration::from_secs(1)))
             .load_dynamic();
         if let Err(e) = started {
-            SLOTS.exclusive().0[index] = wake::Slot::EMPTY;
+            SLOTS.exclusive().0[index] = crate::shmem::Slot::EMPTY;
             return Err(format!(
                 "could not start a consumer for subscription \"{name}\" ({e:?}); raise max_worker_processes"
             ));

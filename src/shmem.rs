@@ -1,0 +1,195 @@
+//! The extension's shared memory, present only when the library is
+//! preloaded: the *shared state* (atomics: the publisher's pid, the commit
+//! and subscription counters) and one *slot* per worker (a consumer's
+//! reservation, and every worker's status as `outbox.stats()` shows it).
+//! Layout only: `status.rs` writes the slots, `wake.rs` the counters.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64};
+
+use pgrx::prelude::*;
+use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock};
+
+use crate::guc::CONSUMER_SLOTS;
+
+/// Process-wide state shared by the workers and the backends.
+#[derive(Default)]
+pub struct Shared {
+    /// pid of the running publisher worker, 0 when none runs.
+    pub publisher_pid: AtomicI32,
+    /// Commits of transactions that published, since start.
+    pub commits: AtomicU64,
+    /// Commits the publisher has already looked at.
+    pub commits_seen: AtomicU64,
+    /// The publisher's latch was set and it has not looked since: later
+    /// commits need not set it again (a burst of commits costs one wake-up,
+    /// and none while the publisher is busy or backing off).
+    pub wake_pending: AtomicBool,
+    /// Bumped at the commit of every transaction that changed subscriptions.
+    pub subscriptions: AtomicU64,
+    /// When the worker last ran retention (ms since the epoch).
+    pub cleaned_at: AtomicI64,
+    /// The publisher is inside a unit of work; still true when its next
+    /// incarnation starts means the last one ended in an error.
+    pub publisher_busy: AtomicBool,
+    /// Bumped when the publisher reaches the broker again after a failure:
+    /// consumers in a reconnection backoff try at once.
+    pub broker_returns: AtomicU64,
+    /// Publisher incarnations in a row that ended in an error.
+    pub publisher_failures: std::sync::atomic::AtomicU32,
+}
+
+// SAFETY: only atomics, no pointers.
+unsafe impl PGRXSharedMemory for Shared {}
+
+pub static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"outbox_pg_shared") };
+
+/// One worker's place in shared memory: for a consumer, reserved by the
+/// supervisor (pid 0, `reserved_at` set) and taken by the worker (its pid);
+/// for every worker, its status as `outbox.stats()` shows it.
+#[derive(Clone, Copy)]
+pub struct Slot {
+    pub used: bool,
+    pub pid: i32,
+    /// When the supervisor reserved it (ms since the epoch).
+    pub reserved_at: i64,
+    pub name_len: u8,
+    pub name: [u8; 64],
+    pub state: WorkerState,
+    pub host_len: u8,
+    pub host: [u8; 64],
+    /// Messages sent (publisher) or handled (consumer) since start.
+    pub messages: u64,
+    pub started_at: i64,
+    pub error_at: i64,
+    pub error_len: u16,
+    pub error: [u8; 512],
+}
+
+/// What a worker is doing, as `outbox.stats()` reports it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Starting,
+    Connected,
+    BackingOff,
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Connected => "connected",
+            WorkerState::BackingOff => "backing off",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+fn copy_text(dst: &mut [u8], text: &str) -> usize {
+    // Cut at a character boundary.
+    let mut n = text.len().min(dst.len());
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    dst[..n].copy_from_slice(&text.as_bytes()[..n]);
+    n
+}
+
+impl Slot {
+    pub const EMPTY: Slot = Slot {
+        used: false,
+        pid: 0,
+        reserved_at: 0,
+        name_len: 0,
+        name: [0; 64],
+        state: WorkerState::Starting,
+        host_len: 0,
+        host: [0; 64],
+        messages: 0,
+        started_at: 0,
+        error_at: 0,
+        error_len: 0,
+        error: [0; 512],
+    };
+
+    pub fn name(&self) -> &str {
+        std::str::from_utf8(&self.name[..self.name_len as usize]).unwrap_or("")
+    }
+
+    pub fn set_name(&mut self, name: &str) {
+        self.name_len = copy_text(&mut self.name, name) as u8;
+    }
+
+    pub fn host(&self) -> &str {
+        std::str::from_utf8(&self.host[..self.host_len as usize]).unwrap_or("")
+    }
+
+    pub fn set_host(&mut self, host: &str) {
+        self.host_len = copy_text(&mut self.host, host) as u8;
+    }
+
+    pub fn error(&self) -> &str {
+        std::str::from_utf8(&self.error[..self.error_len as usize]).unwrap_or("")
+    }
+
+    pub fn set_error(&mut self, error: &str, at: i64) {
+        self.error_len = copy_text(&mut self.error, error) as u16;
+        self.error_at = at;
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Slots(pub [Slot; CONSUMER_SLOTS]);
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots([Slot::EMPTY; CONSUMER_SLOTS])
+    }
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for Slots {}
+
+pub static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"outbox_pg_slots") };
+
+/// The publisher's status.
+pub static PUBLISHER: PgLwLock<Slot> = unsafe { PgLwLock::new(c"outbox_pg_publisher") };
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for Slot {}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot::EMPTY
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+thread_local! {
+    static PRELOADED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from `_PG_init` while `shared_preload_libraries` is processed.
+pub fn init_shared_memory() {
+    PRELOADED.with(|p| p.set(true));
+    pgrx::pg_shmem_init!(SHARED);
+    pgrx::pg_shmem_init!(SLOTS);
+    pgrx::pg_shmem_init!(PUBLISHER);
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.with(|p| p.get())
+}
+
+/// The shared state, when the library was preloaded.
+pub fn shared() -> Option<&'static Shared> {
+    preloaded().then(|| SHARED.get())
+}

@@ -1,0 +1,74 @@
+//! Worker status: what each worker tells `outbox.stats()` about itself
+//! (state, broker host, counts, last error), written into its slot of
+//! shared memory.
+
+use pgrx::pg_sys;
+
+use crate::shmem::{PUBLISHER, SLOTS, Slot, WorkerState, now_ms};
+
+/// Where a worker reports its status.
+#[derive(Clone)]
+pub enum Reporter {
+    Publisher,
+    Consumer(String),
+}
+
+impl Reporter {
+    fn with(&self, f: impl FnOnce(&mut Slot)) {
+        match self {
+            Reporter::Publisher => f(&mut PUBLISHER.exclusive()),
+            Reporter::Consumer(name) => {
+                let mut slots = SLOTS.exclusive();
+                if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+                    f(s);
+                }
+            }
+        }
+    }
+
+    pub fn started(&self) {
+        let pid = unsafe { pg_sys::MyProcPid };
+        self.with(|s| {
+            s.used = true;
+            s.pid = pid;
+            s.state = WorkerState::Starting;
+            s.started_at = now_ms();
+            s.messages = 0;
+            s.host_len = 0;
+        });
+    }
+
+    pub fn connected(&self, host: &str) {
+        self.with(|s| {
+            s.state = WorkerState::Connected;
+            s.set_host(host);
+        });
+    }
+
+    /// A connection problem: backing off until the next attempt.
+    pub fn failed(&self, host: &str, error: &str) {
+        self.with(|s| {
+            s.state = WorkerState::BackingOff;
+            s.set_host(host);
+            s.set_error(error, now_ms());
+        });
+    }
+
+    /// A problem with a message (the connection is fine).
+    pub fn error(&self, error: &str) {
+        self.with(|s| s.set_error(error, now_ms()));
+    }
+
+    pub fn count(&self, n: u64) {
+        if n > 0 {
+            self.with(|s| s.messages += n);
+        }
+    }
+
+    pub fn stopped(&self) {
+        self.with(|s| {
+            s.state = WorkerState::Stopped;
+            s.pid = 0;
+        });
+    }
+}
