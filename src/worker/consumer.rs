@@ -120,8 +120,13 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
     // SIGTERM as every backend has it: a terminate or a shutdown ends the
     // worker wherever it is, inside a callback or a lock wait too (its
     // transaction rolls back; the broker delivers the message again).
+    #[cfg(not(feature = "pg18"))]
+    use pg_sys::pqsignal;
+    // 18's pqsignal is a macro for the backend's pqsignal_be.
+    #[cfg(feature = "pg18")]
+    use pg_sys::pqsignal_be as pqsignal;
     // SAFETY: installing PostgreSQL's own handler.
-    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(die)) };
+    unsafe { pqsignal(libc::SIGTERM, Some(die)) };
     latch::in_worker();
     let name = BackgroundWorker::get_extra().to_string();
     let database = guc::text(&guc::DATABASE);
@@ -130,14 +135,14 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
     super::pin_search_path();
     if !claim_slot(&name) {
         // Another worker serves this subscription already.
-        unsafe { pg_sys::proc_exit(0) };
+        super::exit(0);
     }
     if let Ok(app) = std::ffi::CString::new(name.clone()) {
         unsafe { pg_sys::pgstat_report_appname(app.as_ptr()) };
     }
     let Some(sub) = subscription::load(&name) else {
         release_slot(&name);
-        unsafe { pg_sys::proc_exit(0) };
+        super::exit(0);
     };
     log!(
         "outbox consumer \"{name}\" started: {} (queue {})",
@@ -146,7 +151,7 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
     );
     let code = Consumer::new(sub).run();
     release_slot_if(&name, code == 0);
-    unsafe { pg_sys::proc_exit(code) };
+    super::exit(code);
 }
 
 /// Takes the slot the supervisor reserved for `name` (or a free one after

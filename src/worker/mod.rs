@@ -95,6 +95,15 @@ pub fn busy(what: &str) {
     }
 }
 
+/// Ends the worker's process.
+pub fn exit(code: i32) -> ! {
+    // SAFETY: PostgreSQL's own exit, running its exit callbacks.
+    unsafe { pgrx::pg_sys::proc_exit(code) };
+    // It does not return, though 18's bindings do not say so.
+    #[cfg(feature = "pg18")]
+    unreachable!()
+}
+
 /// Shows the worker waiting in `pg_stat_activity`, and sends its table
 /// statistics; returns how soon the worker must wake to send what could not
 /// go yet (None: nothing left).
