@@ -9,6 +9,7 @@ mod inbox;
 mod operations;
 mod regress;
 mod tls;
+mod upgrade;
 
 use std::sync::OnceLock;
 
