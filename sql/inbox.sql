@@ -44,9 +44,9 @@ COMMENT ON COLUMN outbox.received.added IS 'When the message first arrived';
 
 CREATE TABLE outbox.subscriptions (
     name        text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
-    destination text NOT NULL,
+    destination text NOT NULL CHECK (destination ~ '^/[^[:space:][:cntrl:]]+$'),
     callback    regprocedure NOT NULL,
-    queue       text NOT NULL,
+    queue       text NOT NULL CHECK (queue ~ '^[^[:space:][:cntrl:]/]+$'),
     owner       regrole NOT NULL,
     created     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );

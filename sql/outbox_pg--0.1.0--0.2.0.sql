@@ -4,12 +4,18 @@
 -- functions of the library write the rows instead of the owner trigger (the
 -- caller becomes the owner only if it may execute the callback).
 -- subscribe() also refuses a callback that returns a set or is not a plain
--- function. Rows, subscriptions and running workers are kept as they are.
+-- function; the table checks destination and queue as subscribe() does. Rows, subscriptions and running workers are kept as they are.
 
 \echo Use "ALTER EXTENSION outbox_pg UPDATE TO '0.2.0'" to load this file. \quit
 
 DROP TRIGGER subscription_owner ON outbox.subscriptions;
 DROP FUNCTION outbox._subscription_owner();
+
+-- What subscribe() checks, also for a caller of the private functions
+-- (the rows there passed subscribe() already).
+ALTER TABLE outbox.subscriptions
+    ADD CONSTRAINT subscriptions_destination_check CHECK (destination ~ '^/[^[:space:][:cntrl:]]+$'),
+    ADD CONSTRAINT subscriptions_queue_check CHECK (queue ~ '^[^[:space:][:cntrl:]/]+$');
 
 COMMENT ON TABLE outbox.subscriptions IS 'One consumer worker per row; written only by outbox.subscribe() and outbox.unsubscribe()';
 COMMENT ON COLUMN outbox.subscriptions.owner IS 'Role the callback runs as: whoever subscribed (it must keep EXECUTE on the callback)';

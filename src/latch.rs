@@ -31,9 +31,26 @@ static IN_USER_CODE: AtomicBool = AtomicBool::new(false);
 /// A socket wait consumed a latch set.
 static WOKEN: AtomicBool = AtomicBool::new(false);
 
-/// Marks this process as a background worker of the extension.
+/// Marks this process as a background worker of the extension: a cancel
+/// (SIGINT, `pg_cancel_backend`) reaches only user code; anywhere else it
+/// has nothing to cancel and is dropped.
 pub fn in_worker() {
     IN_WORKER.store(true, Ordering::Relaxed);
+    // SAFETY: installing a signal handler of this module.
+    unsafe { pg_sys::pqsignal(libc::SIGINT, Some(on_cancel)) };
+}
+
+// PostgreSQL's SIGINT handler for backends.
+unsafe extern "C-unwind" {
+    fn StatementCancelHandler(signal: std::ffi::c_int);
+}
+
+/// SIGINT in a worker: PostgreSQL's cancel, only while user code runs.
+unsafe extern "C-unwind" fn on_cancel(signal: std::ffi::c_int) {
+    if IN_USER_CODE.load(Ordering::Relaxed) {
+        // SAFETY: PostgreSQL's own handler, in signal context as it expects.
+        unsafe { StatementCancelHandler(signal) };
+    }
 }
 
 /// While alive, the worker runs user code (a cancel reaches it).

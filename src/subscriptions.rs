@@ -51,6 +51,25 @@ pub unsafe extern "C-unwind" fn outbox_subscription_write(
         );
     }
     as_table_owner(|| {
+        // The checks subscribe() makes, for a caller that skips it (the
+        // table's CHECK constraints do the rest).
+        let max = crate::guc::MAX_CONSUMERS.get() as i64;
+        let full = Spi::get_one_with_args::<bool>(
+            "SELECT NOT EXISTS (SELECT FROM outbox.subscriptions s WHERE s.name OPERATOR(pg_catalog.=) $1) \
+                AND (SELECT pg_catalog.count(*) FROM outbox.subscriptions) OPERATOR(pg_catalog.>=) $2",
+            &[DatumWithOid::from(name.as_str()), DatumWithOid::from(max)],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if full {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                format!("too many subscriptions: outbox.max_consumers is {max}"),
+                "Raise outbox.max_consumers (and max_worker_processes) and restart, or unsubscribe one."
+            );
+        }
         Spi::run_with_args(
             "INSERT INTO outbox.subscriptions AS s (name, destination, callback, queue, owner) \
              VALUES ($1, $2, $3::pg_catalog.oid::pg_catalog.regprocedure, $4, $5::pg_catalog.oid::pg_catalog.regrole) \

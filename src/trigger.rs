@@ -262,9 +262,36 @@ struct Serializer {
     rowtype: pg_sys::Oid,
     user: pg_sys::Oid,
     oid: pg_sys::Oid,
+    /// Which version of its pg_proc row it was resolved from: fmgr caches
+    /// what a SECURITY DEFINER function runs as (and its SET clauses), so
+    /// an ALTER FUNCTION must resolve it again.
+    version: Option<(u16, u16, u16, pg_sys::TransactionId)>,
     name: String,
     finfo: *mut pg_sys::FmgrInfo,
     _memory: Context,
+}
+
+/// The version of function `oid`'s pg_proc row (its place and inserting
+/// transaction), None when it is gone.
+unsafe fn proc_version(oid: pg_sys::Oid) -> Option<(u16, u16, u16, pg_sys::TransactionId)> {
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::PROCOID as i32,
+            pg_sys::Datum::from(oid),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let at = (*tuple).t_self;
+        let version = (
+            at.ip_blkid.bi_hi,
+            at.ip_blkid.bi_lo,
+            at.ip_posid,
+            (*(*tuple).t_data).t_choice.t_heap.t_xmin,
+        );
+        pg_sys::ReleaseSysCache(tuple);
+        Some(version)
+    }
 }
 
 impl Spec {
@@ -387,13 +414,7 @@ impl Shape {
                 Shape::Serializer(s) => {
                     s.rowtype == (*(*rel).rd_rel).reltype
                         && s.user == pg_sys::GetUserId()
-                        && pg_sys::SearchSysCacheExists(
-                            pg_sys::SysCacheIdentifier::PROCOID as i32,
-                            pg_sys::Datum::from(s.oid),
-                            pg_sys::Datum::from(0),
-                            pg_sys::Datum::from(0),
-                            pg_sys::Datum::from(0),
-                        )
+                        && proc_version(s.oid) == s.version
                 }
             }
         }
@@ -528,6 +549,7 @@ unsafe fn resolve_serializer(
             rowtype,
             user: pg_sys::GetUserId(),
             oid,
+            version: proc_version(oid),
             name: signature,
             finfo,
             _memory: memory,

@@ -26,8 +26,8 @@ pub struct Callback {
     /// with the Callback (a subscription refused and allowed again resolves
     /// anew without growing the worker's memory).
     memory: pg_sys::MemoryContext,
-    /// fmgr's entry for the function.
-    finfo: *mut pg_sys::FmgrInfo,
+    /// fmgr's entry for the function (made anew for each batch).
+    finfo: std::cell::Cell<*mut pg_sys::FmgrInfo>,
     message_type: pg_sys::Oid,
     returns_bool: bool,
     owner: pg_sys::Oid,
@@ -117,12 +117,27 @@ impl Callback {
         };
         Callback {
             memory,
-            finfo,
+            finfo: std::cell::Cell::new(finfo),
             message_type,
             returns_bool: sub.returns_bool,
             owner: sub.owner,
             function: sub.callback,
             timer: timer(),
+        }
+    }
+
+    /// Resolves the function anew (in a transaction): fmgr caches what a
+    /// SECURITY DEFINER function runs as, and its SET clauses, in the
+    /// entry; an ALTER FUNCTION since is seen at the next batch.
+    pub fn refresh(&self) {
+        // SAFETY: the context and the entry are this Callback's; nothing
+        // of the last batch's call is in use between batches.
+        unsafe {
+            pg_sys::MemoryContextReset(self.memory);
+            let finfo = pg_sys::MemoryContextAllocZero(self.memory, size_of::<pg_sys::FmgrInfo>())
+                .cast::<pg_sys::FmgrInfo>();
+            pg_sys::fmgr_info_cxt(self.function, finfo, self.memory);
+            self.finfo.set(finfo);
         }
     }
 
@@ -168,14 +183,15 @@ impl Callback {
             let size =
                 size_of::<pg_sys::FunctionCallInfoBaseData>() + size_of::<pg_sys::NullableDatum>();
             let fcinfo = pg_sys::palloc0(size).cast::<pg_sys::FunctionCallInfoBaseData>();
-            (*fcinfo).flinfo = self.finfo;
+            let finfo = self.finfo.get();
+            (*fcinfo).flinfo = finfo;
             (*fcinfo).nargs = 1;
             (*fcinfo).fncollation = pg_sys::InvalidOid;
             (*fcinfo).args.as_mut_slice(1)[0] = pg_sys::NullableDatum {
                 value: row,
                 isnull: false,
             };
-            let f = (*self.finfo).fn_addr.expect("fmgr_info sets fn_addr");
+            let f = (*finfo).fn_addr.expect("fmgr_info sets fn_addr");
             // Settings the callback changes (SET, SET LOCAL) end with the
             // call: callbacks of a batch share a transaction, and none may
             // change the worker's session for the messages after it.

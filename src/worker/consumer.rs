@@ -89,6 +89,14 @@ fn queue_headers() -> Vec<(String, String)> {
     }
 }
 
+/// The subscriptions' generation (bumped at every commit that changed them).
+fn generation() -> u64 {
+    crate::shmem::SHARED
+        .get()
+        .subscriptions
+        .load(std::sync::atomic::Ordering::Acquire)
+}
+
 fn broker_returns() -> u64 {
     crate::shmem::SHARED
         .get()
@@ -140,6 +148,9 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
     if let Ok(app) = std::ffi::CString::new(name.clone()) {
         unsafe { pg_sys::pgstat_report_appname(app.as_ptr()) };
     }
+    // Read before the row: a change committed after this read is seen by
+    // the first look at the generation.
+    let generation = generation();
     let Some(sub) = subscription::load(&name) else {
         release_slot(&name);
         super::exit(0);
@@ -149,7 +160,7 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
         sub.destination,
         sub.queue
     );
-    let code = Consumer::new(sub).run();
+    let code = Consumer::new(sub, generation).run();
     release_slot_if(&name, code == 0);
     super::exit(code);
 }
@@ -217,6 +228,8 @@ struct Consumer {
     calling: Cell<Option<usize>>,
     /// The publisher's count of broker returns last seen.
     broker_returns: u64,
+    /// `DLQ.<queue>` was declared (by this worker, at a connect).
+    dlq_declared: bool,
 }
 
 /// How `Consumer::attempt` runs a message: *plainly*, inside the batch's
@@ -233,8 +246,15 @@ enum Run {
 /// recording (the batch is then handled one message at a time).
 type Attempt = Result<Verdict, tx::Failure>;
 
+/// The outcome of a callback's call in a plain run, given to the careful
+/// run so that the call is not made twice.
+enum Preset {
+    Failed(String),
+    Discarded,
+}
+
 impl Consumer {
-    fn new(sub: Subscription) -> Consumer {
+    fn new(sub: Subscription, generation: u64) -> Consumer {
         let report = crate::status::Reporter::Consumer(sub.name.clone());
         report.started();
         let link = Link::new(format!("outbox consumer \"{}\"", sub.name), report.clone());
@@ -250,10 +270,7 @@ impl Consumer {
             report,
             link,
             sub,
-            generation: crate::shmem::SHARED
-                .get()
-                .subscriptions
-                .load(std::sync::atomic::Ordering::Acquire),
+            generation,
             callback: None,
             refused: None,
             message_type,
@@ -262,6 +279,7 @@ impl Consumer {
             met_recorded: Cell::new(false),
             calling: Cell::new(None),
             broker_returns: broker_returns(),
+            dlq_declared: false,
         };
         c.check();
         c
@@ -313,10 +331,7 @@ impl Consumer {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 self.link.reload();
             }
-            let generation = crate::shmem::SHARED
-                .get()
-                .subscriptions
-                .load(std::sync::atomic::Ordering::Acquire);
+            let generation = generation();
             if generation != self.generation {
                 self.generation = generation;
                 match subscription::load(&self.sub.name) {
@@ -364,6 +379,10 @@ impl Consumer {
                 self.link.broke(e);
                 continue;
             }
+            if self.link.conn.is_none() {
+                // Refused, or messages left unhandled: reconnect later.
+                continue;
+            }
             self.wait();
         }
     }
@@ -389,8 +408,9 @@ impl Consumer {
         let sub = &self.sub;
         let queue_headers = queue_headers();
         self.batch = batch_size(&queue_headers);
+        let dlq_declared = &mut self.dlq_declared;
         let connected = self.link.connect(
-            |c| subscribe(c, sub, &queue_headers),
+            |c| subscribe(c, sub, &queue_headers, dlq_declared),
             |host, e| match e {
                 StompError::Broker { message, .. } if message.contains("precondition") => format!(
                     "queue {} exists with other arguments than outbox.stomp_queue_headers and the \
@@ -437,7 +457,7 @@ impl Consumer {
                     Duration::ZERO
                 };
                 match conn.read_frame(wait)? {
-                    Some(f) if f.command == Command::Message => pending.push_back(f),
+                    Some(f) if is_ours(&f) => pending.push_back(f),
                     Some(_) => {}
                     None => break,
                 }
@@ -489,15 +509,13 @@ impl Consumer {
             conn.flush()?;
             self.last_batch = Some((Instant::now(), handled_now));
             if leave {
-                // Refused, or terminating: the rest is delivered again after
-                // we leave.
-                break;
+                // Refused, terminating, or the subscriptions changed during
+                // retries: what was not handled is delivered again after a
+                // reconnect.
+                self.disconnect();
+                return Ok(());
             }
-            let changed = crate::shmem::SHARED
-                .get()
-                .subscriptions
-                .load(std::sync::atomic::Ordering::Acquire)
-                != self.generation;
+            let changed = generation() != self.generation;
             if started.elapsed() >= TICK || changed || latch::terminating() {
                 // Back into the connection's buffer, in order, for later.
                 while let Some(m) = pending.pop_back() {
@@ -561,8 +579,12 @@ impl Consumer {
                 latch::interrupts();
                 return Verdict::Leave;
             }
+            if generation() != self.generation {
+                // Perhaps unsubscribed: look first (the message comes again).
+                return Verdict::Leave;
+            }
             let tried = tx::transaction(|| {
-                if !self.allowed() {
+                if !self.refresh() {
                     return Ok(Verdict::Leave);
                 }
                 self.attempt(0, p, Run::Careful, None)
@@ -599,11 +621,13 @@ impl Consumer {
             self.sub.name,
             p.id
         );
-        match tx::transaction(|| inbox::record_failed(p, &self.sub, why)) {
-            Ok(None) => Verdict::Ack, // consumed before: the effect happened once
-            Ok(Some(n)) if n < guc::MAXIMUM_RETRY_ATTEMPTS.get() => Verdict::Retry,
-            Ok(Some(_)) => Verdict::DeadLetter,
-            Err(e) => {
+        let recorded =
+            tx::transaction(|| inbox::record_failed(p, &self.sub, why).map_err(|e| e.to_string()));
+        match recorded {
+            Ok(Ok(None)) => Verdict::Ack, // consumed before: the effect happened once
+            Ok(Ok(Some(n))) if n < guc::MAXIMUM_RETRY_ATTEMPTS.get() => Verdict::Retry,
+            Ok(Ok(Some(_))) => Verdict::DeadLetter,
+            Ok(Err(e)) | Err(tx::Failure { message: e, .. }) => {
                 warning!(
                     "outbox consumer \"{}\": could not record message {} as failed ({e}); sent to DLQ.{}",
                     self.sub.name,
@@ -619,64 +643,70 @@ impl Consumer {
     /// the first that asks for a retry; one verdict per message attempted.
     ///
     /// First *plainly*: every callback in one subtransaction, so a SQL
-    /// callback is planned once per batch, not once per message. Should
+    /// callback is planned once per batch, not once per message (a body
+    /// known to be poison is recorded and dead-lettered on the way). Should
     /// anything raise or a callback return false, that work is rolled back
     /// and the batch is run again *carefully*: each record and each
-    /// callback in a subtransaction of its own (a callback that raised in
-    /// the plain run is not called again: that was its attempt). Should even
-    /// that fail (a deadlock with another consumer recording the same ids
-    /// in another order, say), the messages are handled one transaction
-    /// each.
+    /// callback in a subtransaction of its own. The callback that raised or
+    /// returned false in the plain run is not called again (that was its
+    /// attempt); the ones before it are, their first run having been
+    /// rolled back. Should even the careful run fail (a deadlock with
+    /// another consumer recording the same ids in another order, say), the
+    /// messages are handled one transaction each.
     fn batch(&mut self, messages: &[Frame]) -> Vec<Verdict> {
         let plain = Run::Plain {
             direct: !self.met_recorded.replace(false),
         };
         let prepared: Vec<Prepared> = messages.iter().map(Prepared::new).collect();
-        let run = |how: Run, failed: Option<&(usize, String)>| {
+        let run = |how: Run,
+                   preset: Option<&(usize, Preset)>|
+         -> Result<Vec<Verdict>, Option<(usize, Preset)>> {
             let mut verdicts = Vec::with_capacity(prepared.len());
             for (i, p) in prepared.iter().enumerate() {
-                let preset = failed.filter(|(k, _)| *k == i).map(|(_, why)| why.as_str());
+                let preset = preset.filter(|(k, _)| *k == i).map(|(_, p)| p);
                 let v = match self.attempt(i, p, how, preset) {
                     Ok(v) => v,
-                    Err(_) => return None,
+                    Err(_) => return Err(None),
                 };
-                let stop = !matches!(v, Verdict::Ack);
-                verdicts.push(v);
-                if stop && how != Run::Careful {
-                    return None;
+                if how != Run::Careful && matches!(v, Verdict::Retry) {
+                    // Plainly, a callback returned false: run carefully,
+                    // with that outcome given.
+                    return Err(Some((i, Preset::Discarded)));
                 }
-                if matches!(verdicts.last(), Some(Verdict::Retry)) {
+                let retry = matches!(v, Verdict::Retry);
+                verdicts.push(v);
+                if retry {
                     break;
                 }
             }
-            Some(verdicts)
+            Ok(verdicts)
         };
         let tried = tx::transaction(|| {
-            if !self.allowed() {
+            if !self.refresh() {
                 return None;
             }
             self.calling.set(None);
-            let careful = match tx::subtransaction(|| run(plain, None), Option::is_some) {
-                Ok(Some(verdicts)) => return Some(Some(verdicts)),
-                Ok(None) => None,
+            let preset = match tx::subtransaction(|| run(plain, None), Result::is_ok) {
+                Ok(Ok(verdicts)) => return Some(Some(verdicts)),
+                Ok(Err(preset)) => preset,
                 // A callback that raised (or was cancelled) in the plain
                 // run has had its attempt.
                 Err(e) => self
                     .calling
                     .take()
-                    .map(|i| (i, callback::explain(e.message))),
+                    .map(|i| (i, Preset::Failed(callback::explain(e.message)))),
             };
             Some(
-                tx::subtransaction(|| run(Run::Careful, careful.as_ref()), |r| r.is_some())
+                tx::subtransaction(|| run(Run::Careful, preset.as_ref()), Result::is_ok)
                     .ok()
-                    .flatten(),
+                    .and_then(Result::ok),
             )
         });
         match tried {
             Ok(None) => {
                 // Refused: nothing ran; the messages go back to the queue.
                 self.mark_refused();
-                messages.iter().map(|_| Verdict::Leave).take(1).collect()
+                vec![Verdict::Leave]
             }
             Ok(Some(Some(verdicts))) => verdicts,
             Ok(Some(None)) | Err(_) => {
@@ -696,8 +726,11 @@ impl Consumer {
                         break;
                     }
                 }
-                if matches!(verdicts.last(), Some(Verdict::Leave)) && !latch::terminating() {
-                    self.mark_refused();
+                if matches!(verdicts.last(), Some(Verdict::Leave)) && self.callback.is_some() {
+                    let refused = tx::transaction(|| !self.allowed()).unwrap_or(false);
+                    if refused {
+                        self.mark_refused();
+                    }
                 }
                 verdicts
             }
@@ -710,15 +743,28 @@ impl Consumer {
         self.callback = None;
     }
 
+    /// Whether the callback may run, resolved anew for this batch (in its
+    /// transaction): a function altered since (SECURITY DEFINER, SET) is
+    /// called as it is now.
+    fn refresh(&self) -> bool {
+        match &self.callback {
+            Some(cb) if cb.allowed() => {
+                cb.refresh();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// One attempt inside the caller's transaction: record, call, and the
     /// outcome recorded. Plainly: an error anywhere fails the caller's
     /// subtransaction (the careful run sorts it out), and a callback
-    /// returning false is reported as DeadLetter with nothing recorded.
-    /// Carefully: the record in a subtransaction (an error there is the
-    /// message's: recorded `failed`, dead-lettered; or, when trying again
-    /// may help, returned), then the call in one of its own — unless
-    /// `preset` gives the error of the call already made for it.
-    fn attempt(&self, i: usize, p: &Prepared, how: Run, preset: Option<&str>) -> Attempt {
+    /// returning false gives Retry with nothing recorded (the careful run
+    /// records it). Carefully: the record in a subtransaction (an error
+    /// there is the message's: recorded `failed`, dead-lettered; or, when
+    /// trying again may help, returned), then the call in one of its own —
+    /// unless `preset` gives the outcome of the call already made for it.
+    fn attempt(&self, i: usize, p: &Prepared, how: Run, preset: Option<&Preset>) -> Attempt {
         let sub = &self.sub;
         let body = match p.body {
             Ok(b) => b,
@@ -751,7 +797,7 @@ impl Consumer {
             let outcome = calling(headers, body);
             self.calling.set(None);
             return Ok(match outcome {
-                Some(false) => Verdict::DeadLetter,
+                Some(false) => Verdict::Retry,
                 _ => Verdict::Ack,
             });
         }
@@ -775,7 +821,8 @@ impl Consumer {
         // A callback that returns false discards the message: nothing it
         // wrote persists.
         let outcome = match preset {
-            Some(why) => Err(why.to_string()),
+            Some(Preset::Failed(why)) => Err(why.clone()),
+            Some(Preset::Discarded) => Ok(Some(false)),
             None => tx::subtransaction(|| calling(headers, body), |r| *r != Some(false))
                 .map_err(|e| callback::explain(e.message)),
         };
@@ -808,12 +855,15 @@ impl Consumer {
     /// A message nothing of which can run: recorded `failed` with the
     /// reason (in a subtransaction: even that may fail) and dead-lettered.
     fn poison(&self, p: &Prepared, reason: &str) -> Verdict {
-        let recorded = tx::subtransaction(|| inbox::record_failed(p, &self.sub, reason), |_| true);
+        let recorded = tx::subtransaction(
+            || inbox::record_failed(p, &self.sub, reason).map_err(|e| e.to_string()),
+            |r| r.is_ok(),
+        );
         match recorded {
             // Consumed before under the same id: the effect happened once.
-            Ok(None) => return Verdict::Ack,
-            Ok(Some(_)) => {}
-            Err(e) => warning!(
+            Ok(Ok(None)) => return Verdict::Ack,
+            Ok(Ok(Some(_))) => {}
+            Ok(Err(e)) | Err(tx::Failure { message: e, .. }) => warning!(
                 "outbox consumer \"{}\": could not record message {} as failed: {e}",
                 self.sub.name,
                 p.id
@@ -829,29 +879,42 @@ impl Consumer {
     }
 }
 
+/// A MESSAGE of the subscription (id `0`): not one of the dead-letter
+/// queue's, delivered while it was being declared (never acknowledged, it
+/// goes back to the DLQ when the connection closes).
+fn is_ours(f: &Frame) -> bool {
+    f.command == Command::Message && f.get("subscription") == Some("0")
+}
+
 /// SUBSCRIBE as django-outbox-pattern does, after declaring the DLQ.
 fn subscribe(
     c: &mut Connection,
     sub: &Subscription,
     queue_headers: &[(String, String)],
+    dlq_declared: &mut bool,
 ) -> Result<(), StompError> {
     let dlq = format!("DLQ.{}", sub.queue);
-    // Declare the dead-letter queue: subscribe without acking anything and
-    // leave (anything delivered meanwhile goes back to it).
-    let declare = Frame::new(Command::Subscribe)
-        .header("id", "dlq")
-        .header("destination", format!("/queue/{dlq}"))
-        .header("ack", "client-individual")
-        .header("prefetch-count", "1")
-        .header("durable", "true")
-        .header("auto-delete", "false")
-        .header("receipt", "dlq-declared");
-    c.queue(&declare)?;
-    c.queue(
-        &Frame::new(Command::Unsubscribe)
+    // Declare the dead-letter queue once per worker: subscribe without
+    // acking anything and leave (anything delivered meanwhile goes back to
+    // it). Not again at each reconnect: RabbitMQ closes the connection when
+    // a dead letter reaches the subscription just cancelled, and a queue
+    // once declared stays.
+    if !*dlq_declared {
+        let declare = Frame::new(Command::Subscribe)
             .header("id", "dlq")
-            .header("receipt", "dlq-left"),
-    )?;
+            .header("destination", format!("/queue/{dlq}"))
+            .header("ack", "client-individual")
+            .header("prefetch-count", "1")
+            .header("durable", "true")
+            .header("auto-delete", "false")
+            .header("receipt", "dlq-declared");
+        c.queue(&declare)?;
+        c.queue(
+            &Frame::new(Command::Unsubscribe)
+                .header("id", "dlq")
+                .header("receipt", "dlq-left"),
+        )?;
+    }
     let mut frame = Frame::new(Command::Subscribe)
         .header("id", "0")
         .header("destination", &sub.destination)
@@ -882,7 +945,12 @@ fn subscribe(
             {
                 return Ok(());
             }
-            Some(f) if f.command == Command::Message => {
+            Some(f)
+                if f.command == Command::Receipt && f.get("receipt-id") == Some("dlq-declared") =>
+            {
+                *dlq_declared = true;
+            }
+            Some(f) if is_ours(&f) => {
                 c.push_back(f);
                 return Ok(());
             }

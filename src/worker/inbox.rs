@@ -34,7 +34,7 @@ impl Prepared<'_> {
     pub fn new(m: &Frame) -> Prepared<'_> {
         let body = match std::str::from_utf8(&m.body) {
             Err(_) => Err("malformed body: not UTF-8"),
-            Ok(b) if b.contains("\\u0000") => {
+            Ok(b) if escapes_nul(b) => {
                 Err("malformed body: JSON with \\u0000, which jsonb cannot store")
             }
             Ok(b) if serde_json::from_str::<serde::de::IgnoredAny>(b).is_err() => {
@@ -60,6 +60,25 @@ impl Prepared<'_> {
     pub fn headers_json(&self) -> String {
         crate::headers::to_json(&pairs(&self.headers))
     }
+}
+
+/// Whether JSON text holds the escape `\u0000` (which jsonb cannot store);
+/// an escaped backslash followed by `u0000` is not one.
+fn escapes_nul(json: &str) -> bool {
+    let b = json.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'u') && b.get(i + 2..i + 6) == Some(b"0000".as_slice()) {
+                return true;
+            }
+            // Skip the escaped character, whatever it is.
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 /// cap-msg-id, else dop-msg-id, else amqp-message-id, else message-id.
@@ -211,9 +230,13 @@ pub fn record(
 /// PostgreSQL cannot store, or an error outside the callback); counts an
 /// attempt when it had failed before. Returns the attempts, or None when
 /// the id was consumed or discarded already (the effect happened once).
-pub fn record_failed(p: &Prepared, sub: &Subscription, reason: &str) -> Option<i32> {
+pub fn record_failed(
+    p: &Prepared,
+    sub: &Subscription,
+    reason: &str,
+) -> Result<Option<i32>, pgrx::spi::SpiError> {
     Spi::connect_mut(|c| {
-        c.update(
+        let rows = c.update(
             "INSERT INTO outbox.received AS r (message_id, subscription, destination, headers, status, last_error, processed_at) \
              VALUES ($1, $2, $3, $4::pg_catalog.jsonb, 'failed', $5, pg_catalog.clock_timestamp()) \
              ON CONFLICT (message_id) DO UPDATE SET attempts = r.attempts OPERATOR(pg_catalog.+) 1, \
@@ -228,9 +251,11 @@ pub fn record_failed(p: &Prepared, sub: &Subscription, reason: &str) -> Option<i
                 DatumWithOid::from(p.headers_json().as_str()),
                 DatumWithOid::from(reason),
             ],
-        )
-        .ok()
-        .and_then(|t| t.first().get_one::<i32>().ok().flatten())
+        )?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        rows.first().get_one::<i32>()
     })
 }
 
@@ -249,4 +274,19 @@ pub fn finish(id: &str, status: &str, error: Option<&str>) {
         )
         .unwrap_or_else(|e| error!("outbox consumer: could not record message {id}: {e}"));
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escapes_nul;
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(escapes_nul(r#"{"a": "\u0000"}"#));
+        assert!(escapes_nul(r#"["x\\\u0000"]"#));
+        assert!(!escapes_nul(r#"{"path": "C:\\u0000dir"}"#));
+        assert!(!escapes_nul(r#"{"a": "\u0001"}"#));
+        assert!(!escapes_nul(r#"{"a": "u0000"}"#));
+        assert!(!escapes_nul("\\"));
+    }
 }

@@ -132,8 +132,8 @@ pub fn report_stats() -> Option<std::time::Duration> {
     thread_local! {
         static SENT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
     }
-    match SENT.get() {
-        Some(at) if at.elapsed() < EVERY => Some(EVERY - at.elapsed()),
+    match SENT.get().and_then(|at| EVERY.checked_sub(at.elapsed())) {
+        Some(left) if !left.is_zero() => Some(left),
         _ => {
             // SAFETY: outside a transaction, from the worker's main thread.
             unsafe { pgrx::pg_sys::pgstat_report_stat(true) };

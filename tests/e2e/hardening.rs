@@ -1035,3 +1035,121 @@ fn a_subscription_made_while_the_broker_is_down_starts_when_it_returns() {
         (effects(&mut c, &tag) == 1).then_some(())
     });
 }
+
+/// Review: a consumer whose dead-letter queue holds messages keeps
+/// resubscribing after a restart (declaring the DLQ raced with the dead
+/// letters and the broker closed the connection at every connect), and a
+/// callback that discards is called once for its attempt.
+#[test]
+fn a_full_dead_letter_queue_does_not_stop_a_restarted_consumer() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    c.batch_execute(
+        "CREATE SEQUENCE IF NOT EXISTS discard_calls;
+         CREATE OR REPLACE FUNCTION keep_or_discard(m outbox.message) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM nextval('discard_calls');
+                    INSERT INTO effects VALUES (m.body->>'tag', m.message_id, m.body, current_user);
+                    RETURN (m.body->>'keep')::boolean; END $$;",
+    )
+    .unwrap();
+    let (d, q) = topic("dlqfull");
+    let name = unique("dlqfull");
+    subscribe(&cl, &mut c, &name, &d, "keep_or_discard(outbox.message)");
+    let _gone = unsubscribe_later(cl, &name);
+    let calls = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM discard_calls",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let before = calls(&mut c);
+    let tag = unique("dlqfull");
+    // One transaction: the three arrive together, as one batch.
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('tag', $2::text, 'keep', k)) FROM unnest(ARRAY[true, false, true]) k",
+        &[&d, &tag],
+    )
+    .unwrap();
+    wait_for("two kept, one discarded", Duration::from_secs(10), || {
+        let r = received(&mut c, &name);
+        (r.len() == 3 && r.iter().all(|x| x.1 != "failed")).then_some(())
+    });
+    let statuses: Vec<String> = received(&mut c, &name).into_iter().map(|r| r.1).collect();
+    assert_eq!(statuses, ["consumed", "discarded", "consumed"]);
+    assert_eq!(
+        effects(&mut c, &tag),
+        2,
+        "the discarded message's work is rolled back"
+    );
+    // The discarding callback ran once; a message before it may have run
+    // twice (its first run rolled back with the batch), none more.
+    let n = calls(&mut c) - before;
+    assert!((3..=4).contains(&n), "{n} calls for 3 messages");
+    wait_for("the dead letter", Duration::from_secs(5), || {
+        (broker::queue_depth(&format!("DLQ.{q}")) == Some(1)).then_some(())
+    });
+    // A new incarnation declares the DLQ while it holds a message.
+    let pid = wait_consumer(&mut c, &name);
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    let tag2 = unique("dlqfull");
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('tag', $2::text, 'keep', true))",
+        &[&d, &tag2],
+    )
+    .unwrap();
+    wait_for(
+        "the message after the restart",
+        Duration::from_secs(10),
+        || (effects(&mut c, &tag2) == 1).then_some(()),
+    );
+    let closed = cl.log().matches("Subscription not found").count();
+    assert!(closed <= 1, "the broker closed {closed} connections");
+}
+
+/// Review: a cancel that reaches a worker outside a callback has nothing
+/// to cancel: the idle publisher and consumer keep running.
+#[test]
+fn a_cancel_outside_a_callback_leaves_the_workers_running() {
+    let _b = broker::shared_broker();
+    let cl = shared();
+    let mut c = cl.client();
+    let (d, _) = topic("idlecancel");
+    let name = unique("idlecancel");
+    subscribe(&cl, &mut c, &name, &d, "record_effect(outbox.message)");
+    let _gone = unsubscribe_later(cl, &name);
+    let consumer = wait_consumer(&mut c, &name);
+    let publisher: i32 = c
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    for pid in [consumer, publisher] {
+        c.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(consumer_pid(&mut c, &name), Some(consumer));
+    let still: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)",
+            &[&publisher],
+        )
+        .unwrap()
+        .get(0);
+    assert!(still, "the publisher exited on a cancel");
+    let tag = unique("idlecancel");
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('tag', $2::text))",
+        &[&d, &tag],
+    )
+    .unwrap();
+    wait_for("the message", Duration::from_secs(10), || {
+        (effects(&mut c, &tag) == 1).then_some(())
+    });
+    assert!(!cl.log().contains("panicked"), "a worker panicked");
+}
