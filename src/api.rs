@@ -96,8 +96,8 @@ unsafe fn send(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
         destination,
         &headers::to_json(&stored),
         &unsafe { fmgr::jsonb_text(body) },
-        "send-1",
-    );
+    )
+    .header("receipt", "send-1");
     let config = crate::broker::config();
     let mut conn = Connection::open_any(&config).map_err(|e| OutboxError::Broker(e.to_string()))?;
     let outcome = send_batch(

@@ -42,11 +42,11 @@ fn heartbeats(text: &str) -> (u32, u32) {
 }
 
 /// A SEND frame for one outbox row: its stored headers (the reserved STOMP
-/// names are skipped: the frame sets those), `persistent:true`, a receipt.
-pub fn send_frame(destination: &str, headers_json: &str, body: &str, receipt: &str) -> Frame {
+/// names are skipped: the frame sets those), `persistent:true`; the caller
+/// adds a receipt or a transaction.
+pub fn send_frame(destination: &str, headers_json: &str, body: &str) -> Frame {
     let mut frame = Frame::new(Command::Send)
         .header("destination", destination)
-        .header("receipt", receipt)
         .header("persistent", "true");
     if let Ok(serde_json::Value::Object(map)) =
         serde_json::from_str::<serde_json::Value>(headers_json)
@@ -108,12 +108,11 @@ mod tests {
             "/queue/a",
             r#"{"dop-msg-id":"m","destination":"/queue/evil","n":"1","x":2}"#,
             "{}",
-            "r-1",
         );
         assert_eq!(f.get("destination"), Some("/queue/a"));
         assert_eq!(f.get("persistent"), Some("true"));
         assert_eq!(f.get("dop-msg-id"), Some("m"));
-        assert_eq!(f.get("receipt"), Some("r-1"));
+        assert_eq!(f.get("receipt"), None);
         assert_eq!(
             f.headers.iter().filter(|(k, _)| k == "destination").count(),
             1

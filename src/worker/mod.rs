@@ -3,6 +3,7 @@
 //! also supervises the consumers (one dynamic worker per subscription).
 
 mod callback;
+mod flight;
 pub mod consumer;
 mod inbox;
 mod keeper;

@@ -12,7 +12,6 @@
 //! and took earlier receipts with it), the unreceipted rows are *isolated*:
 //! sent one per batch until the culprit shows itself.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -21,10 +20,10 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 
+use super::flight::{self, Flight, Style};
 use super::link::Link;
 use crate::broker;
 use crate::guc;
-use crate::stomp::client::{Connection, StompError, send_batch};
 use crate::wake;
 
 /// With nothing scheduled, the worker only wakes at commits; it still looks
@@ -60,8 +59,12 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
         }
         shared.publisher_busy.store(true, Ordering::Release);
         let mut wait = p.step();
-        shared.publisher_busy.store(false, Ordering::Release);
-        shared.publisher_failures.store(0, Ordering::Release);
+        // A unit of work ends when its flights are marked: a failure
+        // between its steps counts as one of the unit.
+        if p.window.is_empty() {
+            shared.publisher_busy.store(false, Ordering::Release);
+            shared.publisher_failures.store(0, Ordering::Release);
+        }
         if !wait.is_zero()
             && let Some(flush) = super::idle()
         {
@@ -76,6 +79,7 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
             && !BackgroundWorker::wait_latch(Some(wait));
     }
     p.disconnect();
+    shared.publisher_busy.store(false, Ordering::Release);
     report.stopped();
     shared.publisher_pid.store(0, Ordering::Release);
     log!("outbox publisher stopped");
@@ -142,9 +146,15 @@ struct Publisher {
     isolate_upto: Option<i64>,
     /// While a backlog drains, each batch starts after the last one's
     /// highest id, so no scan walks the index entries of rows already
-    /// published (they stay until vacuum); a short batch sends the next
-    /// scan back to the start, where retries and late commits are.
+    /// published (they stay until vacuum) or rows in flight; a short batch
+    /// sends the next scan back to the start (`rescan`, once nothing is in
+    /// the air), where retries and late commits are.
     cursor: i64,
+    rescan: bool,
+    /// Flights sent and not yet marked, oldest first (at most two).
+    window: std::collections::VecDeque<Flight>,
+    /// STOMP transactions begun on this connection (their ids).
+    transactions: u64,
     /// When the table was last looked at, and whether due-later rows remain.
     last_query: Option<Instant>,
     next_due: Option<Instant>,
@@ -165,6 +175,9 @@ impl Publisher {
             ),
             isolate_upto: None,
             cursor: 0,
+            rescan: true,
+            window: Default::default(),
+            transactions: 0,
             last_query: None,
             next_due: None,
             idle: false,
@@ -182,6 +195,10 @@ impl Publisher {
 
     fn disconnect(&mut self) {
         self.link.disconnect();
+        // Unconfirmed rows are sent again after the reconnect.
+        self.window.clear();
+        self.cursor = 0;
+        self.rescan = true;
     }
 
     /// Does one unit of work; returns how long to sleep (zero: go on).
@@ -280,83 +297,130 @@ impl Publisher {
         wait
     }
 
-    /// One batch in one transaction. Some(n): n rows claimed; None: the
+    /// One step of the drain: claims the next batch (in a short
+    /// transaction) and sends it while the receipts of the one before come
+    /// in, then marks what the broker answered (in another). Some(n): rows
+    /// claimed or marked (0: nothing left, the worker may idle); None: the
     /// connection was lost.
     fn batch(&mut self) -> Option<usize> {
         let batch_size = guc::BATCH_SIZE.get().max(1) as i64;
-        let limit = if self.isolate_upto.is_some() {
-            1
-        } else {
-            batch_size
-        };
+        let isolating = self.isolate_upto.is_some();
+        let limit = if isolating { 1 } else { batch_size };
         let receipt_timeout = self.link.config.connect_timeout.max(Duration::from_secs(5));
-        let conn = self.link.conn.as_mut().expect("connected");
-        let mut isolate_upto = self.isolate_upto;
-        let after = self.cursor;
         // This look covers every commit so far; a later one wakes us again.
         wake::take_commits();
-
-        // AssertUnwindSafe: an error here ends the worker (it restarts), so
-        // no broken state survives an unwind.
-        let (claimed, last_id, verdict, next_due) =
-            BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-                let rows = claim(limit, after);
-                let verdict = if rows.is_empty() {
-                    Verdict::default()
-                } else {
-                    deliver(conn, &rows, receipt_timeout)
-                };
-                record(&verdict);
-                if let (Some(upto), Some(last)) = (isolate_upto, rows.last())
-                    && last.id >= upto
-                    && verdict.isolate.is_empty()
-                {
-                    isolate_upto = None;
-                }
-                let next_due = if (rows.len() as i64) < limit && after == 0 {
-                    seconds_to_next_due()
-                } else {
-                    None
-                };
-                (rows.len(), rows.last().map(|r| r.id), verdict, next_due)
-            }));
+        // Back to the start (retries, late commits) only with nothing in
+        // the air: rows in flight are still `scheduled`.
+        let after = if self.window.is_empty() && self.rescan {
+            0
+        } else {
+            self.cursor
+        };
+        let (rows, next_due) = BackgroundWorker::transaction(|| {
+            let rows = claim(limit, after);
+            let next_due = if (rows.len() as i64) < limit && after == 0 {
+                seconds_to_next_due()
+            } else {
+                None
+            };
+            (rows, next_due)
+        });
         self.last_query = Some(Instant::now());
-        if claimed > 0 {
-            super::busy(&format!("delivered a batch of {claimed} message(s)"));
+        self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        let claimed = rows.len();
+        self.rescan = (claimed as i64) < limit;
+        let conn = self.link.conn.as_mut().expect("connected");
+        if let Some(last) = rows.last() {
+            self.cursor = last.id;
+            let style = if isolating {
+                Style::Receipts
+            } else {
+                Style::of(conn.server())
+            };
+            let frames = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.id,
+                        broker::send_frame(&r.destination, &r.headers, &r.body),
+                    )
+                })
+                .collect();
+            match Flight::send(conn, frames, style, &mut self.transactions) {
+                Ok(f) => self.window.push_back(f),
+                Err(e) => {
+                    // Whatever was written is unconfirmed: sent again.
+                    self.window.clear();
+                    self.cursor = 0;
+                    self.rescan = true;
+                    self.link.broke(e);
+                    return None;
+                }
+            }
+            super::busy(&format!("sending a batch of {claimed} message(s)"));
+        }
+        // One flight stays in the air while the drain goes on; isolating,
+        // or at the end of the backlog, every flight lands.
+        let keep = usize::from(claimed > 0 && !isolating);
+        let mut marked = 0;
+        while self.window.len() > keep {
+            let conn = self.link.conn.as_mut().expect("connected");
+            let read = flight::collect(conn, self.window.make_contiguous(), receipt_timeout);
+            let troubled = read.is_err()
+                || self
+                    .window
+                    .iter()
+                    .any(|f| !f.unattributed.is_empty() || !f.unknown.is_empty());
+            let n = if troubled { self.window.len() } else { 1 };
+            let mut landed: Vec<Flight> = self.window.drain(..n).collect();
+            let isolate = if troubled {
+                flight::eliminate(&mut landed, read.is_ok())
+            } else {
+                Vec::new()
+            };
+            let verdict = Verdict {
+                published: landed.iter().flat_map(|f| f.confirmed.iter().copied()).collect(),
+                refused: landed.iter().flat_map(|f| f.refused.iter().cloned()).collect(),
+                lost: read.err().map(|e| e.to_string()),
+                isolate,
+            };
+            marked += landed.iter().map(|f| f.rows.len()).sum::<usize>();
+            BackgroundWorker::transaction(|| record(&verdict));
+            let sent = verdict.published.len() as u64;
+            crate::status::Reporter::Publisher.count(sent);
+            if let Some((id, why)) = verdict.refused.last() {
+                crate::status::Reporter::Publisher.error(&format!("message {id}: {why}"));
+            }
+            let isolated_last = isolating
+                && verdict.isolate.is_empty()
+                && self.isolate_upto.is_some_and(|upto| self.cursor >= upto);
+            if isolated_last {
+                self.isolate_upto = None;
+            }
+            if let Some(max) = verdict.isolate.iter().max() {
+                self.isolate_upto = Some(self.isolate_upto.map_or(*max, |u| u.max(*max)));
+            }
+            if troubled {
+                // Unconfirmed rows lie behind the cursor: start over so
+                // they go out first, in order.
+                self.cursor = 0;
+                self.rescan = true;
+            }
+            if let Some(why) = verdict.lost {
+                self.window.clear();
+                self.link.broke(why);
+                return None;
+            }
+        }
+        if claimed + marked > 0 {
             let _ = super::report_stats();
         }
-        self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-        if let Some(max) = verdict.isolate.iter().max() {
-            isolate_upto = Some(isolate_upto.map_or(*max, |u| u.max(*max)));
-        }
-        self.isolate_upto = isolate_upto;
-        let full_scan = after == 0;
-        // After a lost connection, unconfirmed rows lie behind the cursor:
-        // start over so they go out first, in order.
-        self.cursor = match last_id {
-            Some(id)
-                if claimed as i64 == limit
-                    && verdict.lost.is_none()
-                    && verdict.isolate.is_empty() =>
-            {
-                id
-            }
-            _ => 0,
-        };
-        let sent = verdict.published.len() as u64;
-        crate::status::Reporter::Publisher.count(sent);
-        if let Some((id, why)) = verdict.refused.last() {
-            crate::status::Reporter::Publisher.error(&format!("message {id}: {why}"));
-        }
-        if let Some(why) = verdict.lost {
-            self.link.broke(why);
-            return None;
-        }
-        // Idle only when a scan from the start found nothing.
-        Some(if claimed == 0 && !full_scan {
-            1
+        // Idle only when a look from the start found nothing and nothing
+        // is in the air.
+        Some(if claimed == 0 && (after != 0 || !self.window.is_empty()) {
+            marked.max(1)
         } else {
-            claimed
+            claimed.max(marked)
         })
     }
 }
@@ -410,15 +474,16 @@ fn extension_ready() -> bool {
     BackgroundWorker::transaction(|| super::table_exists("published"))
 }
 
-/// The next due rows after `after` (an id), in id order.
+/// The next due rows after `after` (an id), in id order. No row lock: one
+/// publisher serves a database, and rows in flight stay behind the cursor
+/// (a lock would write every row a second time).
 fn claim(limit: i64, after: i64) -> Vec<Row> {
-    // A read-write SPI call: FOR UPDATE is not allowed in a read-only one.
-    Spi::connect_mut(|client| {
+    Spi::connect(|client| {
         let rows = client
-            .update(
+            .select(
                 "SELECT id, destination, headers::text, body::text FROM outbox.published \
                  WHERE status = 'scheduled' AND next_attempt_at <= pg_catalog.now() AND id > $2 \
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                 ORDER BY id LIMIT $1",
                 None,
                 &[DatumWithOid::from(limit), DatumWithOid::from(after)],
             )
@@ -431,55 +496,6 @@ fn claim(limit: i64, after: i64) -> Vec<Row> {
         })
         .collect()
     })
-}
-
-/// Sends the rows and sorts them by what the broker answered.
-fn deliver(conn: &mut Connection, rows: &[Row], timeout: Duration) -> Verdict {
-    let receipts: HashMap<String, i64> =
-        rows.iter().map(|r| (format!("o-{}", r.id), r.id)).collect();
-    let frames: Vec<_> = rows
-        .iter()
-        .map(|r| broker::send_frame(&r.destination, &r.headers, &r.body, &format!("o-{}", r.id)))
-        .collect();
-    let outcome = send_batch(conn, &frames, timeout);
-    let mut v = Verdict::default();
-    let mut missing: std::collections::BTreeSet<i64> = rows.iter().map(|r| r.id).collect();
-    for r in &outcome.receipted {
-        if let Some(id) = receipts.get(r) {
-            missing.remove(id);
-            v.published.push(*id);
-        }
-    }
-    let mut unattributed = Vec::new();
-    for e in &outcome.errors {
-        match e {
-            StompError::Broker {
-                receipt_id: Some(r),
-                ..
-            } if receipts.contains_key(r) => {
-                let id = receipts[r];
-                missing.remove(&id);
-                v.refused.push((id, e.to_string()));
-            }
-            StompError::Broker { .. } | StompError::Frame(_) => unattributed.push(e.to_string()),
-            other => v.lost = Some(other.to_string()),
-        }
-    }
-    if !unattributed.is_empty() {
-        if v.lost.is_none() && missing.len() == unattributed.len() {
-            // The connection survived and every other frame was receipted:
-            // the missing ones are the refused ones.
-            for (id, why) in missing.iter().zip(unattributed) {
-                v.refused.push((*id, why));
-            }
-        } else {
-            v.isolate = missing.into_iter().collect();
-            if v.lost.is_none() {
-                v.lost = Some(unattributed.join("; "));
-            }
-        }
-    }
-    v
 }
 
 /// Writes the verdict: published rows, refused rows' retry schedule.

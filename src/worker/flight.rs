@@ -1,0 +1,307 @@
+//! Frames in flight: how the publisher keeps the broker busy.
+//!
+//! Vocabulary: a *flight* is one batch's rows sent as SEND frames whose
+//! *receipts* have not all come back; the publisher keeps up to two in the
+//! air (the next batch goes out while the receipts of the last arrive), so
+//! the broker never waits for the database, nor the database for the
+//! broker. A flight is made of *units*, each confirmed by one receipt: a
+//! single SEND on RabbitMQ (which confirms each persistent message once
+//! stored), a STOMP *transaction* of up to `TX_ROWS` SENDs on ActiveMQ (which
+//! handles receipted persistent SENDs one at a time per connection, and a
+//! transaction's COMMIT at once). A row is *confirmed* when its unit's
+//! receipt came; *refused* when the broker's ERROR names its (single-row)
+//! unit, or when, the connection surviving, it is the one frame left
+//! unreceipted per ERROR; otherwise its fate is *unknown* (the publisher
+//! then isolates it). Nothing here touches PostgreSQL.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::stomp::client::{Connection, ERROR_GRACE, StompError};
+use crate::stomp::frame::{Command, Frame};
+
+/// Rows per STOMP transaction on ActiveMQ.
+pub const TX_ROWS: usize = 100;
+
+/// How a broker is best kept busy.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Style {
+    /// One receipt per SEND (RabbitMQ, and any broker not known).
+    Receipts,
+    /// Transactions of up to this many SENDs, one receipt on the COMMIT.
+    Transactions(usize),
+}
+
+impl Style {
+    /// From CONNECTED's `server` header (`ActiveMQ/5.17.2`).
+    pub fn of(server: Option<&str>) -> Style {
+        match server {
+            Some(s) if s.starts_with("ActiveMQ") => Style::Transactions(TX_ROWS),
+            _ => Style::Receipts,
+        }
+    }
+}
+
+/// One flight (see the module header).
+#[derive(Default, Debug)]
+pub struct Flight {
+    /// Its rows, in the order sent.
+    pub rows: Vec<i64>,
+    /// Receipt id → the rows it confirms.
+    units: HashMap<String, Vec<i64>>,
+    /// Receipts still owed.
+    pending: HashSet<String>,
+    pub confirmed: Vec<i64>,
+    pub refused: Vec<(i64, String)>,
+    /// Rows whose unit the broker's ERROR named, but which may be innocent
+    /// (a transaction's other SENDs).
+    pub unknown: Vec<i64>,
+    /// ERRORs that named no unit of any flight.
+    pub unattributed: Vec<String>,
+    /// One receipt per row: elimination can find a refused row.
+    single: bool,
+}
+
+impl Flight {
+    /// Queues the frames of `rows` (id and its SEND frame, in id order)
+    /// and writes them.
+    pub fn send(
+        conn: &mut Connection,
+        rows: Vec<(i64, Frame)>,
+        style: Style,
+        seq: &mut u64,
+    ) -> Result<Flight, StompError> {
+        let mut f = Flight {
+            single: style == Style::Receipts,
+            ..Default::default()
+        };
+        match style {
+            Style::Receipts => {
+                for (id, frame) in rows {
+                    let receipt = format!("o-{id}");
+                    conn.queue(&frame.header("receipt", receipt.as_str()))?;
+                    f.add_unit(receipt, vec![id]);
+                }
+            }
+            Style::Transactions(n) => {
+                let mut rows = rows.into_iter().peekable();
+                while rows.peek().is_some() {
+                    *seq += 1;
+                    let tx = format!("t-{seq}");
+                    conn.queue(&Frame::new(Command::Begin).header("transaction", tx.as_str()))?;
+                    let mut ids = Vec::with_capacity(n);
+                    for (id, frame) in rows.by_ref().take(n) {
+                        conn.queue(&frame.header("transaction", tx.as_str()))?;
+                        ids.push(id);
+                    }
+                    let receipt = format!("c-{seq}");
+                    conn.queue(
+                        &Frame::new(Command::Commit)
+                            .header("transaction", tx.as_str())
+                            .header("receipt", receipt.as_str()),
+                    )?;
+                    f.add_unit(receipt, ids);
+                }
+            }
+        }
+        conn.flush()?;
+        Ok(f)
+    }
+
+    fn add_unit(&mut self, receipt: String, ids: Vec<i64>) {
+        self.rows.extend_from_slice(&ids);
+        self.pending.insert(receipt.clone());
+        self.units.insert(receipt, ids);
+    }
+
+    /// Every receipt came (or was answered by an ERROR).
+    pub fn settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Takes a receipt or ERROR meant for this flight; false if not ours.
+    fn take(&mut self, receipt: &str, error: Option<&str>) -> bool {
+        if !self.pending.remove(receipt) {
+            return false;
+        }
+        let ids = &self.units[receipt];
+        match error {
+            None => self.confirmed.extend_from_slice(ids),
+            Some(why) if self.single => self.refused.push((ids[0], why.to_string())),
+            Some(_) => self.unknown.extend_from_slice(ids),
+        }
+        true
+    }
+
+    /// Rows neither confirmed, refused nor unknown yet.
+    pub fn missing(&self) -> Vec<i64> {
+        let done: HashSet<i64> = self
+            .confirmed
+            .iter()
+            .chain(self.refused.iter().map(|(id, _)| id))
+            .chain(&self.unknown)
+            .copied()
+            .collect();
+        self.rows
+            .iter()
+            .copied()
+            .filter(|id| !done.contains(id))
+            .collect()
+    }
+}
+
+/// Reads the broker's answers into `flights` until the first is settled —
+/// or, once any ERROR came, until all are (at most `ERROR_GRACE` more).
+/// Frames that belong to no flight are kept for later reads. Err: the
+/// connection is gone (or silent past `timeout`); what came before counts.
+pub fn collect(
+    conn: &mut Connection,
+    flights: &mut [Flight],
+    timeout: Duration,
+) -> Result<(), StompError> {
+    let mut deadline = Instant::now() + timeout;
+    let mut other = Vec::new();
+    let result = loop {
+        let troubled = flights.iter().any(|f| !f.unattributed.is_empty());
+        let done = if troubled {
+            flights.iter().all(Flight::settled)
+        } else {
+            flights.first().is_none_or(Flight::settled)
+        };
+        if done {
+            break Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.read_frame(left) {
+            Ok(Some(f)) if f.command == Command::Receipt => {
+                let id = f.get("receipt-id").unwrap_or_default();
+                if !flights.iter_mut().any(|fl| fl.take(id, None)) {
+                    other.push(f);
+                }
+            }
+            Ok(Some(f)) => other.push(f),
+            Ok(None) if troubled => break Ok(()),
+            Ok(None) => break Err(StompError::Timeout("receipts")),
+            Err(e @ StompError::Broker { .. }) => {
+                let why = e.to_string();
+                let named = match &e {
+                    StompError::Broker {
+                        receipt_id: Some(r),
+                        ..
+                    } => flights.iter_mut().any(|fl| fl.take(r, Some(&why))),
+                    _ => false,
+                };
+                if !named && let Some(first) = flights.first_mut() {
+                    first.unattributed.push(why);
+                }
+                deadline = deadline.min(Instant::now() + ERROR_GRACE);
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    for f in other.into_iter().rev() {
+        conn.push_back(f);
+    }
+    result
+}
+
+/// After an ERROR no flight could be charged with: rows refused by
+/// elimination (the connection survived, every flight has one receipt per
+/// row, and exactly as many rows are missing as ERRORs came), else the
+/// rows whose fate is unknown (to isolate).
+pub fn eliminate(flights: &mut [Flight], connection_alive: bool) -> Vec<i64> {
+    let errors: Vec<String> = flights
+        .iter_mut()
+        .flat_map(|f| std::mem::take(&mut f.unattributed))
+        .collect();
+    let missing: Vec<(usize, i64)> = flights
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| f.missing().into_iter().map(move |id| (i, id)))
+        .collect();
+    let mut unknown: Vec<i64> = flights
+        .iter_mut()
+        .flat_map(|f| std::mem::take(&mut f.unknown))
+        .collect();
+    if errors.is_empty() {
+        unknown.extend(missing.iter().map(|(_, id)| id));
+    } else if connection_alive && flights.iter().all(|f| f.single) && missing.len() == errors.len()
+    {
+        for ((i, id), why) in missing.into_iter().zip(errors) {
+            flights[i].refused.push((id, why));
+        }
+    } else {
+        unknown.extend(missing.iter().map(|(_, id)| id));
+    }
+    unknown.sort_unstable();
+    unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flight(ids: &[i64], single: bool) -> Flight {
+        let mut f = Flight {
+            single,
+            ..Default::default()
+        };
+        if single {
+            for id in ids {
+                f.add_unit(format!("o-{id}"), vec![*id]);
+            }
+        } else {
+            f.add_unit("c-1".into(), ids.to_vec());
+        }
+        f
+    }
+
+    #[test]
+    fn style_from_the_server_header() {
+        assert_eq!(
+            Style::of(Some("ActiveMQ/5.17.2")),
+            Style::Transactions(TX_ROWS)
+        );
+        assert_eq!(Style::of(Some("RabbitMQ/3.10.8")), Style::Receipts);
+        assert_eq!(Style::of(None), Style::Receipts);
+    }
+
+    #[test]
+    fn receipts_confirm_their_rows_and_errors_refuse_single_rows() {
+        let mut f = flight(&[1, 2, 3], true);
+        assert!(f.take("o-1", None));
+        assert!(f.take("o-2", Some("too large")));
+        assert!(!f.take("o-9", None));
+        assert_eq!(f.confirmed, [1]);
+        assert_eq!(f.refused, [(2, "too large".to_string())]);
+        assert_eq!(f.missing(), [3]);
+        assert!(!f.settled());
+    }
+
+    #[test]
+    fn a_transactions_error_charges_nobody() {
+        let mut f = flight(&[1, 2, 3], false);
+        assert!(f.take("c-1", Some("bad")));
+        assert!(f.refused.is_empty());
+        assert_eq!(eliminate(std::slice::from_mut(&mut f), true), [1, 2, 3]);
+    }
+
+    #[test]
+    fn elimination_across_two_flights() {
+        let mut a = flight(&[1, 2], true);
+        let mut b = flight(&[3, 4], true);
+        a.take("o-1", None);
+        b.take("o-3", None);
+        b.take("o-4", None);
+        a.unattributed.push("unknown destination".into());
+        let mut both = [a, b];
+        assert!(eliminate(&mut both, true).is_empty());
+        assert_eq!(both[0].refused, [(2, "unknown destination".to_string())]);
+        // Lost connection: nobody is charged, the missing are isolated.
+        let mut a = flight(&[1, 2], true);
+        a.take("o-1", None);
+        a.unattributed.push("not_found".into());
+        assert_eq!(eliminate(std::slice::from_mut(&mut a), false), [2]);
+        assert!(a.refused.is_empty());
+    }
+}
