@@ -33,6 +33,8 @@ struct Sizes {
     writes: i32,
     drain: i32,
     durable: i32,
+    activemq: i32,
+    burst: i32,
     consume: i32,
     latency: usize,
     backlog_small: i32,
@@ -52,6 +54,8 @@ fn main() {
             writes: 5_000,
             drain: 5_000,
             durable: 5_000,
+            activemq: 2_000,
+            burst: 10_000,
             consume: 2_000,
             latency: 100,
             backlog_small: 2_000,
@@ -62,6 +66,8 @@ fn main() {
             writes: 50_000,
             drain: 50_000,
             durable: 20_000,
+            activemq: 10_000,
+            burst: 60_000,
             consume: 20_000,
             latency: 500,
             backlog_small: 10_000,
@@ -98,9 +104,11 @@ fn main() {
     broker::wait_until_up();
     let mut rows = Vec::new();
     type Figure = fn(&Sizes, &mut Vec<Row>);
-    let figures: [(&str, Figure); 6] = [
+    let figures: [(&str, Figure); 8] = [
         ("write", write_path),
         ("durable", durable_drain),
+        ("activemq", activemq_drain),
+        ("burst", latency_after_burst),
         ("drain", drain),
         ("latency", latency),
         ("consume", consume),
@@ -598,6 +606,193 @@ fn durable_drain(sizes: &Sizes, rows: &mut Vec<Row>) {
         ratio: "—".into(),
         target: "reported".into(),
         ok: None,
+    });
+}
+
+/// Raw sends to ActiveMQ in transactions of `per` SENDs with one receipt on
+/// each COMMIT, the transactions pipelined (at most `window` outstanding).
+fn raw_send_transactions(
+    cfg: &outbox_pg_e2e::broker::stomp::client::Config,
+    host: &str,
+    n: i32,
+    destination: &str,
+    per: usize,
+    window: usize,
+) -> Duration {
+    let mut conn = Connection::open(cfg, host).unwrap();
+    let frames = frames(n, destination);
+    let t = Instant::now();
+    let (mut sent, mut committed) = (0usize, 0usize);
+    let units = frames.len().div_ceil(per);
+    for (u, chunk) in frames.chunks(per).enumerate() {
+        let tx = format!("t{u}");
+        conn.queue(&Frame::new(Command::Begin).header("transaction", tx.as_str()))
+            .unwrap();
+        for f in chunk {
+            let mut f = f.clone();
+            f.headers.retain(|(k, _)| k != "receipt");
+            conn.queue(&f.header("transaction", tx.as_str())).unwrap();
+        }
+        conn.queue(
+            &Frame::new(Command::Commit)
+                .header("transaction", tx.as_str())
+                .header("receipt", format!("c{u}")),
+        )
+        .unwrap();
+        conn.flush().unwrap();
+        sent += 1;
+        while sent - committed >= window || (sent == units && committed < units) {
+            match conn.read_frame(Duration::from_secs(30)).unwrap() {
+                Some(f) if f.command == Command::Receipt => committed += 1,
+                Some(_) => {}
+                None => panic!("no receipt within 30 s"),
+            }
+        }
+    }
+    t.elapsed()
+}
+
+/// The drain into an ActiveMQ queue against the best raw client in the
+/// same run: pipelined receipts, or transactions of 100 with one receipt
+/// on COMMIT.
+fn activemq_drain(sizes: &Sizes, rows: &mut Vec<Row>) {
+    // SAFETY: set before any thread of ours reads the environment.
+    unsafe { std::env::set_var("OUTBOX_ACTIVEMQ_HEAP", "1g") };
+    let mut amq = outbox_pg_e2e::activemq::ActiveMq::start();
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        let c = Connection::open(&amq.config(), &amq.host()).unwrap();
+        eprintln!("server: {:?}", c.server());
+        for (per, w) in [(100, 1), (100, 2), (100, 5), (100, 10), (500, 2), (50, 10)] {
+            let t = raw_send_transactions(
+                &amq.config(),
+                &amq.host(),
+                5000,
+                &format!("/queue/{}", unique("amq_probe")),
+                per,
+                w,
+            );
+            eprintln!("tx of {per}, window {w}: {:.0} msg/s", rate(5000, t));
+        }
+        let mut hb = amq.config();
+        hb.heartbeat = (10000, 10000);
+        let t = raw_send_transactions(
+            &hb,
+            &amq.host(),
+            5000,
+            &format!("/queue/{}", unique("amq_probe")),
+            100,
+            10,
+        );
+        eprintln!(
+            "tx of 100, window 10, heart-beats on: {:.0} msg/s",
+            rate(5000, t)
+        );
+    }
+    let cl = Cluster::start(&[
+        &format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port()),
+        "fsync = on",
+    ]);
+    let mut c = cl.client();
+    let n = sizes.activemq;
+    let cfg = amq.config();
+    let rounds = Rounds(
+        (0..3)
+            .map(|_| {
+                let q = [unique("amq_ours"), unique("amq_receipts"), unique("amq_tx")];
+                let receipts = raw_send_pipelined(&cfg, &amq.host(), n, &format!("/queue/{}", q[1]), 1000);
+                let transactions = raw_send_transactions(&cfg, &amq.host(), n, &format!("/queue/{}", q[2]), 100, 10);
+                let destination = format!("/queue/{}", q[0]);
+                c.batch_execute(&format!(
+                    "SELECT outbox.publish('{destination}', jsonb_build_object('n', i, 'name', 'item ' || i, 'amount', i * 1.5))
+                     FROM generate_series(1, {n}) i"
+                ))
+                .unwrap();
+                let t = Instant::now();
+                cl.set(&[&format!("outbox.stomp_hosts = '{}'", amq.host())]);
+                wait_drained(&mut c, Duration::from_secs(3600));
+                let ours = t.elapsed();
+                if std::env::var("BENCH_DEBUG").is_ok() {
+                    for l in cl.log().lines().filter(|l| l.contains("WARNING") || l.contains("outbox publisher")).take(10) {
+                        eprintln!("{l}");
+                    }
+                }
+                cl.set(&[&format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port())]);
+                c.batch_execute("TRUNCATE outbox.published").unwrap();
+                [receipts.min(transactions), ours, receipts, transactions]
+            })
+            .collect(),
+    );
+    amq.stop();
+    let r = rounds.ratio(0, 1);
+    rows.push(Row {
+        figure: format!("drain, {n} rows → ActiveMQ queue, persistent, fsync on"),
+        value: format!("{:.0} msg/s", rate(n, rounds.time(1))),
+        baseline: format!(
+            "best raw client: receipts pipelined {:.0} msg/s, transactions of 100 {:.0} msg/s",
+            rate(n, rounds.time(2)),
+            rate(n, rounds.time(3))
+        ),
+        ratio: format!("{r:.2}×"),
+        target: "≥ 0.8×".into(),
+        ok: Some(r >= 0.8),
+    });
+}
+
+/// Commit → subscriber latency of `samples` single messages.
+fn latency_samples(
+    c: &mut Client,
+    sub: &mut Subscriber,
+    d: &str,
+    samples: usize,
+) -> (Duration, Duration) {
+    let stmt = c
+        .prepare("SELECT outbox.publish($1, '{\"ping\": true}')")
+        .unwrap();
+    let mut v: Vec<Duration> = (0..samples)
+        .map(|_| {
+            let t = Instant::now();
+            c.execute(&stmt, &[&d]).unwrap();
+            sub.take(1, Duration::from_secs(10));
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q) as usize];
+    (p(0.5), p(0.99))
+}
+
+/// Latency before and after a burst drains, with autovacuum at its
+/// defaults and no manual VACUUM: the dead index entries a burst leaves
+/// must not slow what follows.
+fn latency_after_burst(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let cl = Cluster::start(&["fsync = on"]);
+    let mut c = cl.client();
+    let d = format!("/topic/{}", unique("bench_burst"));
+    let mut sub = Subscriber::new(&d);
+    let _ = latency_samples(&mut c, &mut sub, &d, 50);
+    let (p50, p99) = latency_samples(&mut c, &mut sub, &d, sizes.latency);
+    let burst = format!("/topic/{}", unique("bench_burst_load"));
+    c.batch_execute(&format!(
+        "SELECT outbox.publish('{burst}', jsonb_build_object('n', i)) FROM generate_series(1, {}) i",
+        sizes.burst
+    ))
+    .unwrap();
+    wait_drained(&mut c, Duration::from_secs(3600));
+    let (after50, after99) = latency_samples(&mut c, &mut sub, &d, sizes.latency);
+    let r = after50.as_secs_f64() / p50.as_secs_f64();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    rows.push(Row {
+        figure: format!(
+            "latency p50 / p99 after a {}-row burst (no VACUUM)",
+            sizes.burst
+        ),
+        value: format!("{:.2} / {:.2} ms", ms(after50), ms(after99)),
+        baseline: format!("before: {:.2} / {:.2} ms", ms(p50), ms(p99)),
+        ratio: format!("{r:.2}×"),
+        target: "≤ 1.3×, p50 ≤ 2 ms, p99 ≤ 5 ms".into(),
+        ok: Some(
+            r <= 1.3 && after50 <= Duration::from_millis(2) && after99 <= Duration::from_millis(5),
+        ),
     });
 }
 

@@ -1,7 +1,7 @@
 //! Frames in flight: how the publisher keeps the broker busy.
 //!
 //! Vocabulary: a *flight* is one batch's rows sent as SEND frames whose
-//! *receipts* have not all come back; the publisher keeps up to two in the
+//! *receipts* have not all come back; the publisher keeps several in the
 //! air (the next batch goes out while the receipts of the last arrive), so
 //! the broker never waits for the database, nor the database for the
 //! broker. A flight is made of *units*, each confirmed by one receipt: a

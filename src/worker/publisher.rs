@@ -26,6 +26,11 @@ use crate::broker;
 use crate::guc;
 use crate::wake;
 
+/// Flights a drain keeps sent and not yet marked: enough that the broker
+/// always has work queued while the database marks and claims (ActiveMQ,
+/// which works one transaction at a time, wants about ten in the pipe).
+const IN_THE_AIR: usize = 3;
+
 /// With nothing scheduled, the worker only wakes at commits; it still looks
 /// at the table this often (prepared transactions commit without waking it).
 const SAFETY_POLL: Duration = Duration::from_secs(60);
@@ -39,6 +44,7 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     super::ignore_session_limits();
     super::pin_search_path();
+    walk_indexes_in_order();
     let shared = crate::shmem::SHARED.get();
     shared
         .publisher_pid
@@ -87,6 +93,25 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     // restart time (a terminated publisher comes back); at shutdown it
     // restarts nothing.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// The publisher's statements are index walks in id order that stop at a
+/// batch; right after a burst (no statistics yet) the planner would read
+/// the whole backlog through a bitmap and sort it for every batch instead.
+/// The publisher runs no user code this would reach but triggers on
+/// `outbox.published`.
+fn walk_indexes_in_order() {
+    for name in [c"enable_bitmapscan", c"enable_seqscan"] {
+        // SAFETY: setting a GUC by name from the worker's main thread.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                c"off".as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
+    }
 }
 
 /// When the last incarnation ended in an error (a full disk failing every
@@ -151,7 +176,7 @@ struct Publisher {
     /// the air), where retries and late commits are.
     cursor: i64,
     rescan: bool,
-    /// Flights sent and not yet marked, oldest first (at most two).
+    /// Flights sent and not yet marked, oldest first (`IN_THE_AIR` at most).
     window: std::collections::VecDeque<Flight>,
     /// STOMP transactions begun on this connection (their ids).
     transactions: u64,
@@ -359,9 +384,13 @@ impl Publisher {
             }
             super::busy(&format!("sending a batch of {claimed} message(s)"));
         }
-        // One flight stays in the air while the drain goes on; isolating,
-        // or at the end of the backlog, every flight lands.
-        let keep = usize::from(claimed > 0 && !isolating);
+        // Flights stay in the air while the drain goes on; isolating, or at
+        // the end of the backlog, every flight lands.
+        let keep = if claimed > 0 && !isolating {
+            IN_THE_AIR - 1
+        } else {
+            0
+        };
         let mut marked = 0;
         while self.window.len() > keep {
             let conn = self.link.conn.as_mut().expect("connected");
@@ -379,8 +408,14 @@ impl Publisher {
                 Vec::new()
             };
             let verdict = Verdict {
-                published: landed.iter().flat_map(|f| f.confirmed.iter().copied()).collect(),
-                refused: landed.iter().flat_map(|f| f.refused.iter().cloned()).collect(),
+                published: landed
+                    .iter()
+                    .flat_map(|f| f.confirmed.iter().copied())
+                    .collect(),
+                refused: landed
+                    .iter()
+                    .flat_map(|f| f.refused.iter().cloned())
+                    .collect(),
                 lost: read.err().map(|e| e.to_string()),
                 isolate,
             };

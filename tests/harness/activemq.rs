@@ -119,8 +119,12 @@ impl Drop for ActiveMq {
 fn spawn(dir: &std::path::Path) -> Child {
     let jar = format!("{HOME}/bin/activemq.jar");
     let d = dir.display();
+    // The benchmarks keep tens of thousands of persistent messages: they
+    // ask for a larger heap.
+    let heap = std::env::var("OUTBOX_ACTIVEMQ_HEAP").unwrap_or_else(|_| "256m".into());
     Command::new("java")
-        .args(["-Xmx256m", "-Djava.awt.headless=true"])
+        .arg(format!("-Xmx{heap}"))
+        .arg("-Djava.awt.headless=true")
         .arg(format!("-Dactivemq.home={HOME}"))
         .arg(format!("-Dactivemq.base={d}"))
         .arg(format!("-Dactivemq.conf={d}/conf"))
