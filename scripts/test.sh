@@ -2,14 +2,13 @@
 # Runs every test of outbox_pg on each PostgreSQL major (15 and 18) and ends
 # with one summary line counting them all:
 #   1. #[pg_test] and unit tests (cargo pgrx test, in-transaction behaviour)
-#   2. the packages (scripts/package.sh, the release build), installed by a
-#      test (the .deb on Debian's 15, the tarball into 18) that delivers a
-#      message from a clean cluster
-#   3. end-to-end tests in tests/ against what the package installed
-#      (throw-away clusters, the real brokers), including the SQL regression
-#      files in pg_test/ and the UPDATE from every earlier release
+#   2. end-to-end tests in tests/ (throw-away clusters, the real brokers),
+#      including the SQL regression files in pg_test/ and the UPDATE from
+#      every earlier release
+#   3. the packages (scripts/package.sh, the release build), each installed
+#      by a test (the .deb into Debian's 15, the tarball into 18) that
+#      delivers a message from a clean cluster
 #   4. once: a short fuzz run of the STOMP decoder
-# Each major is built once per kind (pg_test, release).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PG15_CONFIG=${PG15_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -47,12 +46,17 @@ for major in 15 18; do
     run_step "pg_test-$major" cargo pgrx test "pg$major" "${runas[@]}"
 done
 
+for major in 15 18; do
+    pgc=PG${major}_CONFIG
+    # The e2e clusters load the plain (not pg_test) debug build.
+    run_step "install-$major" cargo pgrx install --pg-config "${!pgc}"
+    run_step "e2e-$major" env PG_CONFIG="${!pgc}" cargo test -p outbox_pg_e2e --test e2e
+done
+
 run_step package bash scripts/package.sh 15 18
 for major in 15 18; do
     pgc=PG${major}_CONFIG
-    # The package test installs what the e2e suite then runs against.
     run_step "package-$major" env PG_CONFIG="${!pgc}" cargo test -p outbox_pg_e2e --test package
-    run_step "e2e-$major" env PG_CONFIG="${!pgc}" cargo test -p outbox_pg_e2e --test e2e
 done
 
 # A short coverage-guided run of the STOMP decoder (the long run is
