@@ -36,8 +36,13 @@ static WOKEN: AtomicBool = AtomicBool::new(false);
 /// has nothing to cancel and is dropped.
 pub fn in_worker() {
     IN_WORKER.store(true, Ordering::Relaxed);
+    #[cfg(not(feature = "pg18"))]
+    use pg_sys::pqsignal;
+    // 18's pqsignal is a macro for the backend's pqsignal_be.
+    #[cfg(feature = "pg18")]
+    use pg_sys::pqsignal_be as pqsignal;
     // SAFETY: installing a signal handler of this module.
-    unsafe { pg_sys::pqsignal(libc::SIGINT, Some(on_cancel)) };
+    unsafe { pqsignal(libc::SIGINT, Some(on_cancel)) };
 }
 
 // PostgreSQL's SIGINT handler for backends.
