@@ -223,10 +223,14 @@ pub fn eliminate(flights: &mut [Flight], connection_alive: bool) -> Vec<i64> {
         .iter_mut()
         .flat_map(|f| std::mem::take(&mut f.unknown))
         .collect();
+    let single = flights.iter().all(|f| f.single);
+    let alone = flights.iter().map(|f| f.rows.len()).sum::<usize>() == 1;
     if errors.is_empty() {
-        unknown.extend(missing.iter().map(|(_, id)| id));
-    } else if connection_alive && flights.iter().all(|f| f.single) && missing.len() == errors.len()
-    {
+        // Lost without a word: the unconfirmed are simply sent again.
+    } else if single && missing.len() == errors.len() && (connection_alive || alone) {
+        // The frames left unreceipted are the refused ones; a frame sent
+        // alone is the culprit even when the broker closed the connection
+        // over it.
         for ((i, id), why) in missing.into_iter().zip(errors) {
             flights[i].refused.push((id, why));
         }

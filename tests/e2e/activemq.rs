@@ -187,3 +187,78 @@ fn activemq_restarts_duplicates_and_discards() {
     assert_eq!(kept, 0);
     c.execute("SELECT outbox.unsubscribe('amq2')", &[]).unwrap();
 }
+
+/// A frame ActiveMQ refuses inside a STOMP transaction (one larger than
+/// its transport accepts): that row alone is charged; the innocent rows of
+/// its transaction, and the rows after it, are delivered with no retry
+/// counted.
+#[test]
+fn a_frame_refused_inside_a_transaction_charges_it_alone() {
+    let amq = ActiveMq::start_with("wireFormat.maxFrameSize=20000");
+    let cl = Cluster::start(&[
+        &format!("outbox.stomp_hosts = '{}'", amq.host()),
+        "outbox.maximum_retry_attempts = 1",
+        "outbox.maximum_backoff = '200ms'",
+    ]);
+    let mut c = cl.client();
+    let q = unique("amq_big");
+    let d = format!("/queue/{q}");
+    // Row 5 of 10 is too large for the broker.
+    c.execute(
+        "SELECT outbox.publish($1, jsonb_build_object('n', i, 'pad', CASE WHEN i = 5 THEN repeat('x', 50000) ELSE '' END))
+         FROM generate_series(1, 10) i",
+        &[&d],
+    )
+    .unwrap();
+    wait_for("every row final", Duration::from_secs(60), || {
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM outbox.published WHERE status = 'scheduled'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    });
+    let rows: Vec<(i32, String, i32)> = c
+        .query(
+            "SELECT (body->>'n')::int, status::text, retry FROM outbox.published ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    for (n, status, retry) in &rows {
+        if *n == 5 {
+            assert_eq!((status.as_str(), *retry), ("failed", 1), "the refused row");
+        } else {
+            assert_eq!(
+                (status.as_str(), *retry),
+                ("published", 0),
+                "row {n} is innocent: {rows:?}"
+            );
+        }
+    }
+    let mut sub = Subscriber::at(&amq.config(), &d, &[]);
+    let got = sub.take(9, Duration::from_secs(30));
+    let mut ns: Vec<i64> = got
+        .iter()
+        .map(|m| {
+            let body = m.body_text();
+            let n = body.split("\"n\": ").nth(1).unwrap_or_default();
+            n.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap_or_default()
+                .parse::<i64>()
+                .unwrap_or_else(|_| panic!("no n in {body}"))
+        })
+        .collect();
+    ns.sort_unstable();
+    ns.dedup();
+    assert_eq!(
+        ns,
+        [1, 2, 3, 4, 6, 7, 8, 9, 10],
+        "every innocent row arrived"
+    );
+}

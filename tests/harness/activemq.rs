@@ -19,6 +19,12 @@ pub struct ActiveMq {
 
 impl ActiveMq {
     pub fn start() -> ActiveMq {
+        ActiveMq::start_with("")
+    }
+
+    /// Starts one whose STOMP transport takes `options` (URI query
+    /// parameters, e.g. `wireFormat.maxFrameSize=20000`).
+    pub fn start_with(options: &str) -> ActiveMq {
         let jar = format!("{HOME}/bin/activemq.jar");
         assert!(
             std::path::Path::new(&jar).exists(),
@@ -34,6 +40,11 @@ impl ActiveMq {
             .unwrap()
             .port();
         let d = dir.display();
+        let query = if options.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", options.replace('&', "&amp;"))
+        };
         std::fs::write(
             dir.join("conf/activemq.xml"),
             format!(
@@ -52,7 +63,7 @@ impl ActiveMq {
     </policyEntries></policyMap></destinationPolicy>
     <persistenceAdapter><kahaDB directory="{d}/data/kahadb"/></persistenceAdapter>
     <transportConnectors>
-      <transportConnector name="stomp" uri="stomp://127.0.0.1:{port}"/>
+      <transportConnector name="stomp" uri="stomp://127.0.0.1:{port}{query}"/>
     </transportConnectors>
   </broker>
 </beans>
