@@ -38,9 +38,8 @@ fn install_release(version: &str) {
 
 /// The schema of `db` as `pg_dump --schema-only --binary-upgrade` shows it
 /// (the only mode that dumps an extension's own objects, with their grants
-/// as the scripts made them), less object ids, transaction ids, sequence
-/// positions (dumped by 15) and the dump's random key;
-/// the schema `app` holds the test's own objects.
+/// as the scripts made them), less its noise; the schema `app` holds the
+/// test's own objects.
 fn schema(cl: &Cluster, db: &str) -> Vec<String> {
     let out = Command::new(cl.bindir().join("pg_dump"))
         .args(["--schema-only", "--binary-upgrade", "--exclude-schema=app"])
@@ -57,16 +56,20 @@ fn schema(cl: &Cluster, db: &str) -> Vec<String> {
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .filter(|l| {
-            !l.contains("binary_upgrade_set_next_")
-                && !l.starts_with("SET relfrozenxid")
-                && !l.starts_with("SELECT pg_catalog.setval(")
-                && !(l.starts_with("WHERE oid = '") && l.ends_with("';"))
-                && !l.starts_with("\\restrict")
-                && !l.starts_with("\\unrestrict")
-        })
+        .filter(|l| !noise(l))
         .map(String::from)
         .collect()
+}
+
+/// What differs between any two dumps: object and transaction ids,
+/// sequence positions (15 dumps them), the dump's random key.
+fn noise(l: &str) -> bool {
+    l.contains("binary_upgrade_set_next_")
+        || l.starts_with("SET relfrozenxid")
+        || (l.starts_with("WHERE oid = '") && l.ends_with("';"))
+        || l.starts_with("SELECT pg_catalog.setval(")
+        || l.starts_with("\\restrict")
+        || l.starts_with("\\unrestrict")
 }
 
 /// Where two dumps part, with some context, for the failure message.
