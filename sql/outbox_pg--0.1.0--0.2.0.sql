@@ -4,7 +4,8 @@
 -- functions of the library write the rows instead of the owner trigger (the
 -- caller becomes the owner only if it may execute the callback).
 -- subscribe() also refuses a callback that returns a set or is not a plain
--- function; the table checks destination and queue as subscribe() does. Rows, subscriptions and running workers are kept as they are.
+-- function; the table checks destination and queue as subscribe() does.
+-- Rows, subscriptions and running workers are kept as they are.
 
 \echo Use "ALTER EXTENSION outbox_pg UPDATE TO '0.2.0'" to load this file. \quit
 
