@@ -3,8 +3,9 @@
 //! also supervises the consumers (one dynamic worker per subscription).
 
 mod callback;
-mod flight;
 pub mod consumer;
+mod flight;
+mod floor;
 mod inbox;
 mod keeper;
 pub mod link;

@@ -176,6 +176,10 @@ struct Publisher {
     /// the air), where retries and late commits are.
     cursor: i64,
     rescan: bool,
+    /// Where a look from the start begins (see floor.rs), and the
+    /// subscriptions generation it was last reset at.
+    floor: super::floor::Floor,
+    floor_generation: Option<u64>,
     /// Flights sent and not yet marked, oldest first (`IN_THE_AIR` at most).
     window: std::collections::VecDeque<Flight>,
     /// STOMP transactions begun on this connection (their ids).
@@ -201,6 +205,8 @@ impl Publisher {
             isolate_upto: None,
             cursor: 0,
             rescan: true,
+            floor: Default::default(),
+            floor_generation: None,
             window: Default::default(),
             transactions: 0,
             last_query: None,
@@ -336,15 +342,35 @@ impl Publisher {
         wake::take_commits();
         // Back to the start (retries, late commits) only with nothing in
         // the air: rows in flight are still `scheduled`.
-        let after = if self.window.is_empty() && self.rescan {
-            0
+        let from_start = self.window.is_empty() && self.rescan;
+        if from_start {
+            if self.supervisor.generation_seen() != self.floor_generation {
+                // Woken for a change (outbox.retry_failed() among them):
+                // rows may be scheduled again below the floor.
+                self.floor_generation = self.supervisor.generation_seen();
+                self.floor.reset();
+            }
+            // AssertUnwindSafe: an error here ends the worker (it restarts).
+            let floor = std::panic::AssertUnwindSafe(&mut self.floor);
+            BackgroundWorker::transaction(move || {
+                let floor = floor;
+                floor.0.prepare()
+            });
+        }
+        let after = if from_start {
+            self.floor.at - 1
         } else {
             self.cursor
         };
-        let (rows, next_due) = BackgroundWorker::transaction(|| {
+        let mut floor = std::panic::AssertUnwindSafe(&mut self.floor);
+        let (rows, next_due) = BackgroundWorker::transaction(move || {
+            if from_start {
+                floor.rise();
+            }
+            let after = if from_start { floor.at - 1 } else { after };
             let rows = claim(limit, after);
-            let next_due = if (rows.len() as i64) < limit && after == 0 {
-                seconds_to_next_due()
+            let next_due = if (rows.len() as i64) < limit && from_start {
+                seconds_to_next_due(floor.at)
             } else {
                 None
             };
@@ -579,11 +605,12 @@ fn record(v: &Verdict) {
 /// it costs the backlog, never a scan of the table (statistics taken during
 /// a big backlog would otherwise choose one). Rows beyond those are found
 /// by the next look at the latest.
-fn seconds_to_next_due() -> Option<f64> {
-    Spi::get_one::<f64>(
+fn seconds_to_next_due(floor: i64) -> Option<f64> {
+    Spi::get_one_with_args::<f64>(
         "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - pg_catalog.clock_timestamp())::float8 \
-         FROM (SELECT next_attempt_at FROM outbox.published WHERE status = 'scheduled' \
+         FROM (SELECT next_attempt_at FROM outbox.published WHERE status = 'scheduled' AND id >= $1 \
                ORDER BY id LIMIT 10000) AS waiting",
+        &[DatumWithOid::from(floor)],
     )
     .ok()
     .flatten()

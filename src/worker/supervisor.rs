@@ -43,6 +43,11 @@ fn generation() -> u64 {
 impl Supervisor {
     /// Whether subscriptions changed since the supervisor last looked (one
     /// atomic load: cheap enough for every wake-up of the publisher).
+    /// The generation the supervisor last acted on.
+    pub fn generation_seen(&self) -> Option<u64> {
+        self.seen
+    }
+
     pub fn pending(&self) -> bool {
         self.seen != Some(generation())
     }
