@@ -44,7 +44,7 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     super::ignore_session_limits();
     super::pin_search_path();
-    walk_indexes_in_order();
+    publisher_settings();
     let shared = crate::shmem::SHARED.get();
     shared
         .publisher_pid
@@ -100,8 +100,16 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
 /// the whole backlog through a bitmap and sort it for every batch instead.
 /// The publisher runs no user code this would reach but triggers on
 /// `outbox.published`.
-fn walk_indexes_in_order() {
-    for name in [c"enable_bitmapscan", c"enable_seqscan"] {
+///
+/// Its commits need not wait for the WAL flush either: a mark lost in a
+/// crash only sends that message again (at least once, as any failure
+/// does), and the drain no longer waits for the disk once per batch.
+fn publisher_settings() {
+    for name in [
+        c"enable_bitmapscan",
+        c"enable_seqscan",
+        c"synchronous_commit",
+    ] {
         // SAFETY: setting a GUC by name from the worker's main thread.
         unsafe {
             pg_sys::SetConfigOption(
@@ -410,9 +418,10 @@ impl Publisher {
             }
             super::busy(&format!("sending a batch of {claimed} message(s)"));
         }
-        // Flights stay in the air while the drain goes on; isolating, or at
-        // the end of the backlog, every flight lands.
-        let keep = if claimed > 0 && !isolating {
+        // Flights stay in the air while a backlog drains (full batches);
+        // isolating, or at its end (a short batch: a lone message waits for
+        // nothing else), every flight lands.
+        let keep = if claimed as i64 == limit && !isolating {
             IN_THE_AIR - 1
         } else {
             0
@@ -478,7 +487,7 @@ impl Publisher {
         }
         // Idle only when a look from the start found nothing and nothing
         // is in the air.
-        Some(if claimed == 0 && (after != 0 || !self.window.is_empty()) {
+        Some(if claimed == 0 && (!from_start || !self.window.is_empty()) {
             marked.max(1)
         } else {
             claimed.max(marked)
