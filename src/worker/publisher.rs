@@ -1,9 +1,10 @@
 //! The publisher: delivers committed outbox rows to the broker.
 //!
 //! Vocabulary: a *batch* is up to `outbox.batch_size` due scheduled rows in
-//! id order, claimed `FOR UPDATE SKIP LOCKED` in one short transaction,
-//! sent as pipelined SEND frames that each ask for a *receipt*, and marked
-//! `published` only for the receipts that came back. A *refusal* is a broker
+//! id order, *claimed* (read past the *cursor*, or from the *floor*: see
+//! floor.rs) in one short transaction, sent as a *flight* (see flight.rs)
+//! while earlier flights' receipts come in, and marked `published` in
+//! another short transaction only for the rows whose receipts came back. A *refusal* is a broker
 //! ERROR for one frame (a poison message): that row's `retry` grows on the
 //! schedule of `outbox.pause_for_retry`/`outbox.wait_retry` until it is
 //! `failed`. A *connection failure* (broker down, login refused, connection
