@@ -151,11 +151,19 @@ fn delivery_over_tls_and_a_clear_error_for_a_wrong_ca() {
         .get(0);
     assert_eq!(host, format!("127.0.0.1:{port}"));
 
-    // The wrong CA: nothing is delivered, and the log says why.
+    // The wrong CA: nothing is delivered, and the log says why. Published
+    // once the publisher has left the connection made with the good one.
+    let reconnecting = "broker settings changed, reconnecting";
+    let before = cl.log().matches(reconnecting).count();
     cl.set(&[&format!(
         "outbox.stomp_ca_certs = '{}/other.pem'",
         dir.display()
     )]);
+    wait_for(
+        "the publisher to reconnect",
+        Duration::from_secs(15),
+        || (cl.log().matches(reconnecting).count() > before).then_some(()),
+    );
     c.execute("SELECT outbox.publish($1, '\"not delivered\"')", &[&d])
         .unwrap();
     wait_for(
