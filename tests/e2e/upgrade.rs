@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use outbox_pg_e2e::cluster::{pg_config_value, sqlstate};
+use outbox_pg_e2e::cluster::{pg_config_value, root_command, sqlstate};
 use outbox_pg_e2e::{Cluster, broker, unique, wait_drained, wait_for};
 use postgres::Client;
 
@@ -27,12 +27,18 @@ fn install_release(version: &str) {
     let script = std::fs::read(&fixture).unwrap();
     let target = pg_config_value("--sharedir").join("extension").join(&name);
     if std::fs::read(&target).ok().as_ref() != Some(&script) {
-        std::fs::write(&target, &script).unwrap_or_else(|e| {
-            panic!(
-                "cannot write {} ({e}): run the tests as the user that installs the extension",
-                target.display()
-            )
-        });
+        let out = root_command("install")
+            .args(["-m", "644"])
+            .arg(&fixture)
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cannot install {}: {}",
+            target.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -46,6 +46,18 @@ fn server_command(program: &Path) -> Command {
     }
 }
 
+/// A command run as root (to install into the server's directories):
+/// directly when we are root, through sudo otherwise.
+pub fn root_command(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().unwrap().port()

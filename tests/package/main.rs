@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use outbox_pg_e2e::broker::{self, Subscriber};
-use outbox_pg_e2e::cluster::{pg_config, pg_config_value};
+use outbox_pg_e2e::cluster::{pg_config, pg_config_value, root_command};
 use outbox_pg_e2e::{Cluster, unique};
 
 /// The extension's version, from its Cargo.toml.
@@ -64,7 +64,7 @@ fn package(name: &str) -> PathBuf {
 /// Installs the .deb and checks that the files on disk are the package's.
 fn install_deb(major: &str, version: &str) {
     let name = format!("postgresql-{major}-outbox-pg");
-    run(Command::new("dpkg")
+    run(root_command("dpkg")
         .arg("-i")
         .arg(package(&format!("{name}_{version}_amd64.deb"))));
     let installed = run(Command::new("dpkg-query").args(["-W", "-f=${Version}", &name]));
@@ -95,9 +95,10 @@ fn install_tarball(major: &str, version: &str) {
         .arg("-C")
         .arg(&dir));
     let unpacked = dir.join(&name);
-    run(Command::new("sh")
-        .arg(unpacked.join("install.sh"))
-        .env("PG_CONFIG", pg_config()));
+    run(root_command("env")
+        .arg(format!("PG_CONFIG={}", pg_config()))
+        .arg("sh")
+        .arg(unpacked.join("install.sh")));
     let same = |from: &Path, to: &Path| {
         assert!(
             std::fs::read(from).unwrap() == std::fs::read(to).unwrap(),
