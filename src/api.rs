@@ -92,11 +92,9 @@ unsafe fn send(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
             trigger: None,
         },
     );
-    let frame = crate::broker::send_frame(
-        destination,
-        &headers::to_json(&stored),
-        &unsafe { fmgr::jsonb_text(body) },
-    )
+    let frame = crate::broker::send_frame(destination, &headers::to_json(&stored), &unsafe {
+        fmgr::jsonb_text(body)
+    })
     .header("receipt", "send-1");
     let config = crate::broker::config();
     let mut conn = Connection::open_any(&config).map_err(|e| OutboxError::Broker(e.to_string()))?;
