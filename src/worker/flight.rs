@@ -36,7 +36,8 @@ impl Style {
     /// From CONNECTED's `server` header (`ActiveMQ/5.17.2`).
     pub fn of(server: Option<&str>) -> Style {
         match server {
-            Some(s) if s.starts_with("ActiveMQ") => Style::Transactions(TX_ROWS),
+            // ActiveMQ Classic; Artemis says `ActiveMQ-Artemis/...`.
+            Some(s) if s.starts_with("ActiveMQ/") => Style::Transactions(TX_ROWS),
             _ => Style::Receipts,
         }
     }
@@ -60,6 +61,11 @@ pub struct Flight {
     pub unattributed: Vec<String>,
     /// One receipt per row: elimination can find a refused row.
     single: bool,
+    /// Transactions still owed a receipt when an ERROR naming nothing came:
+    /// the ERROR may be for one of their SENDs, so their COMMIT's receipt
+    /// confirms nothing (a broker may commit the rest of a transaction
+    /// whose SEND it refused).
+    tainted: HashSet<String>,
 }
 
 impl Flight {
@@ -114,6 +120,14 @@ impl Flight {
         self.units.insert(receipt, ids);
     }
 
+    /// An ERROR naming nothing came: the transactions still owed a receipt
+    /// may hold the refused SEND.
+    fn taint(&mut self) {
+        if !self.single {
+            self.tainted.extend(self.pending.iter().cloned());
+        }
+    }
+
     /// Every receipt came (or was answered by an ERROR).
     pub fn settled(&self) -> bool {
         self.pending.is_empty()
@@ -126,6 +140,7 @@ impl Flight {
         }
         let ids = &self.units[receipt];
         match error {
+            None if self.tainted.contains(receipt) => self.unknown.extend_from_slice(ids),
             None => self.confirmed.extend_from_slice(ids),
             Some(why) if self.single => self.refused.push((ids[0], why.to_string())),
             Some(_) => self.unknown.extend_from_slice(ids),
@@ -191,8 +206,11 @@ pub fn collect(
                     } => flights.iter_mut().any(|fl| fl.take(r, Some(&why))),
                     _ => false,
                 };
-                if !named && let Some(first) = flights.first_mut() {
-                    first.unattributed.push(why);
+                if !named {
+                    flights.iter_mut().for_each(Flight::taint);
+                    if let Some(first) = flights.first_mut() {
+                        first.unattributed.push(why);
+                    }
                 }
                 deadline = deadline.min(Instant::now() + ERROR_GRACE);
             }
@@ -207,9 +225,10 @@ pub fn collect(
 
 /// After an ERROR no flight could be charged with: rows refused by
 /// elimination (the connection survived, every flight has one receipt per
-/// row, and exactly as many rows are missing as ERRORs came), else the
-/// rows whose fate is unknown (to isolate).
-pub fn eliminate(flights: &mut [Flight], connection_alive: bool) -> Vec<i64> {
+/// row, and exactly as many rows are missing as ERRORs came; or the row was
+/// sent alone and `charge_alone`: the publisher saw it end two connections
+/// in a row), else the rows whose fate is unknown (to isolate).
+pub fn eliminate(flights: &mut [Flight], connection_alive: bool, charge_alone: bool) -> Vec<i64> {
     let errors: Vec<String> = flights
         .iter_mut()
         .flat_map(|f| std::mem::take(&mut f.unattributed))
@@ -227,10 +246,13 @@ pub fn eliminate(flights: &mut [Flight], connection_alive: bool) -> Vec<i64> {
     let alone = flights.iter().map(|f| f.rows.len()).sum::<usize>() == 1;
     if errors.is_empty() {
         // Lost without a word: the unconfirmed are simply sent again.
-    } else if single && missing.len() == errors.len() && (connection_alive || alone) {
+    } else if single
+        && missing.len() == errors.len()
+        && (connection_alive || (alone && charge_alone))
+    {
         // The frames left unreceipted are the refused ones; a frame sent
-        // alone is the culprit even when the broker closed the connection
-        // over it.
+        // alone is the culprit when the broker closed two connections over
+        // it (once could be the broker going away, with a word).
         for ((i, id), why) in missing.into_iter().zip(errors) {
             flights[i].refused.push((id, why));
         }
@@ -261,12 +283,37 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_after_an_error_naming_nothing_confirms_nothing() {
+        let mut f = flight(&[1, 2], false);
+        f.taint();
+        assert!(f.take("c-1", None));
+        assert!(f.confirmed.is_empty());
+        assert_eq!(f.unknown, [1, 2]);
+    }
+
+    #[test]
+    fn a_lone_row_is_charged_only_when_known_to_end_connections() {
+        let lone = || {
+            let mut f = flight(&[7], true);
+            f.unattributed.push("connection_forced".into());
+            f
+        };
+        let mut f = lone();
+        assert_eq!(eliminate(std::slice::from_mut(&mut f), false, false), [7]);
+        assert!(f.refused.is_empty());
+        let mut f = lone();
+        assert!(eliminate(std::slice::from_mut(&mut f), false, true).is_empty());
+        assert_eq!(f.refused.len(), 1);
+    }
+
+    #[test]
     fn style_from_the_server_header() {
         assert_eq!(
             Style::of(Some("ActiveMQ/5.17.2")),
             Style::Transactions(TX_ROWS)
         );
         assert_eq!(Style::of(Some("RabbitMQ/3.10.8")), Style::Receipts);
+        assert_eq!(Style::of(Some("ActiveMQ-Artemis/2.31")), Style::Receipts);
         assert_eq!(Style::of(None), Style::Receipts);
     }
 
@@ -287,7 +334,10 @@ mod tests {
         let mut f = flight(&[1, 2, 3], false);
         assert!(f.take("c-1", Some("bad")));
         assert!(f.refused.is_empty());
-        assert_eq!(eliminate(std::slice::from_mut(&mut f), true), [1, 2, 3]);
+        assert_eq!(
+            eliminate(std::slice::from_mut(&mut f), true, false),
+            [1, 2, 3]
+        );
     }
 
     #[test]
@@ -299,13 +349,13 @@ mod tests {
         b.take("o-4", None);
         a.unattributed.push("unknown destination".into());
         let mut both = [a, b];
-        assert!(eliminate(&mut both, true).is_empty());
+        assert!(eliminate(&mut both, true, false).is_empty());
         assert_eq!(both[0].refused, [(2, "unknown destination".to_string())]);
         // Lost connection: nobody is charged, the missing are isolated.
         let mut a = flight(&[1, 2], true);
         a.take("o-1", None);
         a.unattributed.push("not_found".into());
-        assert_eq!(eliminate(std::slice::from_mut(&mut a), false), [2]);
+        assert_eq!(eliminate(std::slice::from_mut(&mut a), false, true), [2]);
         assert!(a.refused.is_empty());
     }
 }

@@ -13,7 +13,10 @@
 //! floor rises to the first scheduled row it finds, or past `last`. A
 //! change the publisher does not make itself (`outbox.retry_failed()`, a
 //! hand-written UPDATE) can put a row back below it: the floor returns to
-//! the start when the workers are woken for one, and now and then.
+//! the start when the workers are woken for one, and now and then; also
+//! when the sequence went back (a TRUNCATE ... RESTART IDENTITY). With a
+//! sequence that caches ids per session, cycles or counts down, ids do not
+//! follow the order they were taken in, and the floor stays at the start.
 
 use std::time::{Duration, Instant};
 
@@ -57,26 +60,39 @@ impl Floor {
         if self.reset_at.elapsed() >= RESET {
             self.reset();
         }
+        // Ids follow the order they were taken in only from a sequence
+        // that hands them out one at a time, upwards, without cycling;
+        // otherwise the floor stays at the start.
+        let seq = Spi::get_two::<i64, bool>(
+            "SELECT coalesce(pg_catalog.pg_sequence_last_value(s.seqrelid), 0), \
+                    s.seqcache OPERATOR(pg_catalog.=) 1 AND NOT s.seqcycle \
+                      AND s.seqincrement OPERATOR(pg_catalog.>) 0 \
+             FROM pg_catalog.pg_sequence s \
+             WHERE s.seqrelid OPERATOR(pg_catalog.=) 'outbox.published_id_seq'::pg_catalog.regclass",
+        );
+        let last = match seq {
+            Ok((Some(last), Some(true))) => last,
+            _ => {
+                self.reset();
+                return;
+            }
+        };
+        if last + 1 < self.at {
+            // The sequence went back (TRUNCATE ... RESTART IDENTITY).
+            self.reset();
+        }
         match &self.pending {
-            Some((last, running)) => {
+            Some((noted, running)) => {
                 // SAFETY: a non-blocking look at each noted transaction.
                 let ended = running
                     .iter()
                     .all(|v| unsafe { pg_sys::VirtualXactLock(*v, false) });
                 if ended {
-                    self.settled = Some(*last);
+                    self.settled = Some(*noted);
                     self.pending = None;
                 }
             }
-            None if self.settled.is_none() => {
-                let last = Spi::get_one::<i64>(
-                    "SELECT coalesce(pg_catalog.pg_sequence_last_value('outbox.published_id_seq'), 0)",
-                )
-                .ok()
-                .flatten()
-                .unwrap_or(0);
-                self.pending = Some((last, running()));
-            }
+            None if self.settled.is_none() => self.pending = Some((last, running())),
             None => {}
         }
     }

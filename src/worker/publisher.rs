@@ -189,6 +189,9 @@ struct Publisher {
     /// subscriptions generation it was last reset at.
     floor: super::floor::Floor,
     floor_generation: Option<u64>,
+    /// A row sent alone over which the broker closed the connection with
+    /// an ERROR (charged if it happens again).
+    suspect: Option<i64>,
     /// Flights sent and not yet marked, oldest first (`IN_THE_AIR` at most).
     window: std::collections::VecDeque<Flight>,
     /// STOMP transactions begun on this connection (their ids).
@@ -216,6 +219,7 @@ impl Publisher {
             rescan: true,
             floor: Default::default(),
             floor_generation: None,
+            suspect: None,
             window: Default::default(),
             transactions: 0,
             last_query: None,
@@ -229,6 +233,11 @@ impl Publisher {
 
     fn reload(&mut self) {
         self.link.reload();
+        if self.link.conn.is_none() {
+            // Reconnecting with new settings: flights in the air are sent
+            // again on the new connection.
+            self.disconnect();
+        }
         // Anything may have changed (batch size, retry schedule): look again.
         self.idle = false;
     }
@@ -267,7 +276,10 @@ impl Publisher {
             }
             self.ready = true;
         }
-        retention();
+        if self.window.is_empty() {
+            // Not while flights wait for receipts (nothing reads them meanwhile).
+            retention();
+        }
         if self.link.conn.is_none() {
             let wait = self.link.backing_off();
             if !wait.is_zero() {
@@ -315,6 +327,8 @@ impl Publisher {
                 .last_query
                 .is_none_or(|q| now - q >= SAFETY_POLL.max(poll))
             || wake::take_commits()
+            // Woken for a change whose wake-up an earlier look took.
+            || self.supervisor.generation_seen() != self.floor_generation
     }
 
     fn idle_wait(&mut self, poll: Duration) -> Duration {
@@ -438,8 +452,21 @@ impl Publisher {
                     .any(|f| !f.unattributed.is_empty() || !f.unknown.is_empty());
             let n = if troubled { self.window.len() } else { 1 };
             let mut landed: Vec<Flight> = self.window.drain(..n).collect();
+            // A row sent alone whose connection ended with an ERROR: the
+            // second time in a row it is the culprit, not the broker.
+            let lone = match landed.as_slice() {
+                [f] if f.rows.len() == 1 => Some(f.rows[0]),
+                _ => None,
+            };
+            let ended_over_lone = troubled && read.is_err() && lone.is_some();
+            let charge_alone = ended_over_lone && self.suspect == lone;
+            self.suspect = if ended_over_lone && !charge_alone {
+                lone
+            } else {
+                None
+            };
             let isolate = if troubled {
-                flight::eliminate(&mut landed, read.is_ok())
+                flight::eliminate(&mut landed, read.is_ok(), charge_alone)
             } else {
                 Vec::new()
             };
@@ -457,6 +484,13 @@ impl Publisher {
             };
             marked += landed.iter().map(|f| f.rows.len()).sum::<usize>();
             BackgroundWorker::transaction(|| record(&verdict));
+            if verdict.lost.is_none() {
+                // A unit of work done: errors before it do not add up.
+                crate::shmem::SHARED
+                    .get()
+                    .publisher_failures
+                    .store(0, Ordering::Release);
+            }
             let sent = verdict.published.len() as u64;
             crate::status::Reporter::Publisher.count(sent);
             if let Some((id, why)) = verdict.refused.last() {
@@ -488,11 +522,13 @@ impl Publisher {
         }
         // Idle only when a look from the start found nothing and nothing
         // is in the air.
-        Some(if claimed == 0 && (!from_start || !self.window.is_empty()) {
-            marked.max(1)
-        } else {
-            claimed.max(marked)
-        })
+        Some(
+            if claimed == 0 && (!from_start || !self.window.is_empty()) {
+                marked.max(1)
+            } else {
+                claimed.max(marked)
+            },
+        )
     }
 }
 

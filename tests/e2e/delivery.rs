@@ -524,3 +524,61 @@ fn an_error_inside_the_workers_transaction_is_logged_and_the_worker_carries_on()
     assert_eq!(seen.len(), 5, "every message arrived (at least once)");
     assert!(c.query_one("SELECT 1", &[]).is_ok(), "the server stayed up");
 }
+
+/// After a burst the publisher's looks start past the rows known to be
+/// final (the floor), yet a row committed late below rows already sent, a
+/// row after the id sequence was restarted, and rows from a sequence that
+/// caches ids per session all go out at once, not at the next periodic
+/// look.
+#[test]
+fn late_commits_and_changed_sequences_are_delivered_at_once() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let mut c = cl.client();
+    let d = format!("/topic/{}", unique("floor"));
+    c.execute(
+        "SELECT outbox.publish($1, to_jsonb(i)) FROM generate_series(1, 2000) i",
+        &[&d],
+    )
+    .unwrap();
+    wait_published(&mut c, &d, 2000, Duration::from_secs(60));
+    // A few looks, so that the floor has risen past the burst.
+    for i in 0..3 {
+        c.execute("SELECT outbox.publish($1, to_jsonb($2::int))", &[&d, &i])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_published(&mut c, &d, 2003, Duration::from_secs(5));
+    let soon = Duration::from_secs(3);
+
+    // A late commit: its id is below the one sent before it.
+    let mut late = cl.client();
+    let mut t = late.transaction().unwrap();
+    t.execute("SELECT outbox.publish($1, '\"late\"')", &[&d])
+        .unwrap();
+    c.execute("SELECT outbox.publish($1, '\"early\"')", &[&d])
+        .unwrap();
+    wait_published(&mut c, &d, 2004, soon);
+    t.commit().unwrap();
+    wait_published(&mut c, &d, 2005, soon);
+
+    // The sequence restarted below the floor.
+    c.batch_execute("TRUNCATE outbox.published RESTART IDENTITY")
+        .unwrap();
+    c.execute("SELECT outbox.publish($1, '\"restarted\"')", &[&d])
+        .unwrap();
+    wait_published(&mut c, &d, 1, soon);
+
+    // Ids cached per session: taken out of order.
+    c.batch_execute("ALTER SEQUENCE outbox.published_id_seq CACHE 20")
+        .unwrap();
+    let mut other = cl.client();
+    other
+        .execute("SELECT outbox.publish($1, '\"other\"')", &[&d])
+        .unwrap();
+    c.execute("SELECT outbox.publish($1, '\"cached\"')", &[&d])
+        .unwrap();
+    wait_published(&mut c, &d, 3, soon);
+    c.batch_execute("ALTER SEQUENCE outbox.published_id_seq CACHE 1")
+        .unwrap();
+}
