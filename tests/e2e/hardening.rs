@@ -1055,7 +1055,7 @@ fn a_full_dead_letter_queue_does_not_stop_a_restarted_consumer() {
     .unwrap();
     let (d, q) = topic("dlqfull");
     let name = unique("dlqfull");
-    subscribe(&cl, &mut c, &name, &d, "keep_or_discard(outbox.message)");
+    subscribe(cl, &mut c, &name, &d, "keep_or_discard(outbox.message)");
     let _gone = unsubscribe_later(cl, &name);
     let calls = |c: &mut Client| -> i64 {
         c.query_one(
@@ -1119,7 +1119,7 @@ fn a_cancel_outside_a_callback_leaves_the_workers_running() {
     let mut c = cl.client();
     let (d, _) = topic("idlecancel");
     let name = unique("idlecancel");
-    subscribe(&cl, &mut c, &name, &d, "record_effect(outbox.message)");
+    subscribe(cl, &mut c, &name, &d, "record_effect(outbox.message)");
     let _gone = unsubscribe_later(cl, &name);
     let consumer = wait_consumer(&mut c, &name);
     let publisher: i32 = c
