@@ -6,7 +6,9 @@
 //!
 //! Vocabulary: a *stock table* is `outbox.published` or `outbox.received`
 //! exactly as the extension made it: no triggers, no row security, no
-//! generated or unknown columns. Its *layout* is where each column sits and
+//! generated or unknown columns, no CHECK constraint and no index of
+//! anyone else's — so a direct write runs no function of anyone's (and
+//! needs no pinned search_path). Its *layout* is where each column sits and
 //! the label its `status` starts with, looked up once per backend and
 //! forgotten when the table's relcache entry is invalidated (ALTER, DROP, a
 //! new trigger). The direct path is taken only for a stock table; otherwise
@@ -34,6 +36,8 @@ struct Spec {
     columns: &'static [(&'static str, Option<pg_sys::Oid>)],
     status: usize,
     label: &'static CStr,
+    /// Indexes the extension made on it (none of them runs a function).
+    indexes: i32,
 }
 
 const MAX_COLUMNS: usize = 12;
@@ -68,6 +72,8 @@ mod published {
         ],
         status: 6,
         label: c"scheduled",
+        // Primary key, message_id, the work list, the failed rows.
+        indexes: 4,
     };
 }
 
@@ -100,6 +106,8 @@ mod received {
         ],
         status: 6,
         label: c"consumed",
+        // Primary key, message_id.
+        indexes: 2,
     };
 }
 
@@ -335,10 +343,19 @@ unsafe fn look_up(rel: pg_sys::Relation, spec: &Spec) -> Known {
         let desc = (*rel).rd_att;
         // No trigger descriptor: no triggers now (`relhastriggers` stays set
         // after the last one is dropped, until a VACUUM).
+        let indexes = pg_sys::RelationGetIndexList(rel);
+        let n_indexes = if indexes.is_null() {
+            0
+        } else {
+            (*indexes).length
+        };
+        pg_sys::list_free(indexes);
         let mut ok = form.relkind as u8 == pg_sys::RELKIND_RELATION
             && (*rel).trigdesc.is_null()
             && !form.relrowsecurity
-            && ((*desc).constr.is_null() || !(*(*desc).constr).has_generated_stored);
+            && ((*desc).constr.is_null()
+                || (!(*(*desc).constr).has_generated_stored && (*(*desc).constr).num_check == 0))
+            && n_indexes == spec.indexes;
         let natts = (*desc).natts as usize;
         let mut l = Layout {
             relid,

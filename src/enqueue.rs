@@ -84,10 +84,6 @@ thread_local! {
     static PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// What the owner switch pins search_path to (as PostgreSQL 17's own
-/// maintenance operations do).
-const SAFE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
-
 /// Writes the message into `outbox.published` in the current transaction
 /// and returns its message id. The caller has validated destination and body.
 pub fn write(m: &Message) -> uuid::Uuid {
@@ -123,18 +119,23 @@ pub fn write(m: &Message) -> uuid::Uuid {
             b' ' as _,
             if m.delay.is_some() { b' ' } else { b'n' } as _,
         ];
-        as_owner(|| {
-            let direct = crate::direct::insert_published(&crate::direct::Published {
+        // A stock table runs nothing of anyone's: the owner switch needs no
+        // pinned search_path there (it costs a settings save and restore
+        // per row).
+        let direct = as_owner(false, || {
+            crate::direct::insert_published(&crate::direct::Published {
                 message_id: values[0],
                 destination: values[1],
                 version: m.version.is_some().then_some(values[2]),
                 body: values[3],
                 headers: values[4],
                 delay: m.delay,
-            });
-            if !direct {
-                // The table is not as the extension made it (a trigger on
-                // it, say): the statement does all Postgres would.
+            })
+        });
+        if !direct {
+            // The table is not as the extension made it (a trigger on it,
+            // say): the statement does all Postgres would.
+            as_owner(true, || {
                 if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
                     pgrx::error!("outbox: could not connect to SPI");
                 }
@@ -145,8 +146,8 @@ pub fn write(m: &Message) -> uuid::Uuid {
                     pgrx::error!("outbox: insert into outbox.published failed (SPI code {rc})");
                 }
                 pg_sys::SPI_finish();
-            }
-        });
+            });
+        }
     }
     crate::wake::arm();
     id
@@ -154,38 +155,12 @@ pub fn write(m: &Message) -> uuid::Uuid {
 
 /// Runs `f` as the owner of `outbox.published`: publishers need EXECUTE on
 /// the API, not INSERT on the table (so they cannot forge rows). It is a
-/// security-restricted operation with search_path pinned, as PostgreSQL
-/// runs index functions as a table's owner: whatever the table runs (an
-/// index expression, a trigger someone added) cannot take the owner's
-/// rights with it, nor be steered by the caller's search_path. An error
-/// aborts the (sub)transaction, which restores both the user and the
-/// setting.
-unsafe fn as_owner(f: impl FnOnce()) {
-    unsafe {
-        let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(
-            owner(),
-            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
-                as i32,
-        );
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            SAFE_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        f();
-        // As PostgreSQL after an index build: settings changed inside are
-        // dropped with the pinned one.
-        pg_sys::AtEOXact_GUC(false, level);
-        pg_sys::SetUserIdAndSecContext(user, sec);
-    }
+/// security-restricted operation (see `crate::owner`), with search_path
+/// pinned when `pin`: whatever the table runs (an index expression, a
+/// trigger someone added) cannot take the owner's rights with it, nor be
+/// steered by the caller's search_path.
+unsafe fn as_owner<R>(pin: bool, f: impl FnOnce() -> R) -> R {
+    crate::owner::as_role(unsafe { owner() }, pin, f)
 }
 
 unsafe fn plan() -> pg_sys::SPIPlanPtr {

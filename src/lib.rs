@@ -11,6 +11,7 @@ mod guc;
 mod headers;
 mod jsonb;
 mod latch;
+mod owner;
 mod shmem;
 mod status;
 // A complete STOMP client; the workers use part of it.

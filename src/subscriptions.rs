@@ -156,30 +156,5 @@ fn as_table_owner<R>(f: impl FnOnce() -> R) -> R {
     .ok()
     .flatten()
     .unwrap_or_else(|| error!("outbox.subscriptions does not exist"));
-    // SAFETY: an error unwinding out of `f` aborts the (sub)transaction,
-    // which restores the user id, the security context and the settings.
-    unsafe {
-        let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
-                as i32,
-        );
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let r = f();
-        pg_sys::AtEOXact_GUC(false, level);
-        pg_sys::SetUserIdAndSecContext(user, sec);
-        r
-    }
+    crate::owner::as_role(owner, true, f)
 }
