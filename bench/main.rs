@@ -413,30 +413,7 @@ fn timed_drain(cl: &Cluster, c: &mut Client, n: i32, destination: &str) -> Durat
 /// receipt each, and returns the time taken.
 fn raw_send(n: i32, batch: i32, destination: &str) -> Duration {
     let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
-    let frames: Vec<Frame> = (1..=n)
-        .map(|i| {
-            Frame::new(Command::Send)
-                .header("destination", destination)
-                .header("receipt", format!("r{i}"))
-                .header("persistent", "true")
-                .header("content-type", "application/json;charset=utf-8")
-                .header("dop-msg-id", format!("00000000-0000-4000-8000-{i:012}"))
-                .header("dop-msg-destination", destination)
-                .header("dop-msg-type", "Published")
-                .header("dop-msg-sent-time", "2026-11-28 06:30:00.123456+00:00")
-                .header(
-                    "dop-correlation-id",
-                    format!("00000000-0000-4000-9000-{i:012}"),
-                )
-                .body(
-                    format!(
-                        r#"{{"n": {i}, "name": "item {i}", "amount": {}}}"#,
-                        f64::from(i) * 1.5
-                    )
-                    .into_bytes(),
-                )
-        })
-        .collect();
+    let frames = frames(n, destination);
     let t = Instant::now();
     for chunk in frames.chunks(batch as usize) {
         let out = send_batch(&mut conn, chunk, Duration::from_secs(30));
