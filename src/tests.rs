@@ -132,4 +132,37 @@ mod tests {
             assert_eq!(built, out(parsed), "pairs {text}");
         }
     }
+
+    /// The write path's fast way (no INSERT statement) is taken for the
+    /// table as the extension made it, and not once anyone else's index
+    /// is on it (an index function would then run as the table's owner
+    /// without a pinned search_path). A wrong count of the extension's own
+    /// indexes once sent every row through the statement, unnoticed.
+    #[pg_test]
+    #[cfg(not(feature = "pg13"))]
+    fn a_stock_table_is_written_directly_and_not_with_an_index_of_anyone_else() {
+        use pgrx::IntoDatum;
+        let row = |n: u8| crate::direct::Published {
+            message_id: pgrx::Uuid::from_bytes([n; 16]).into_datum().unwrap(),
+            destination: "/topic/direct".into_datum().unwrap(),
+            version: None,
+            body: pgrx::JsonB(serde_json::json!({"n": n}))
+                .into_datum()
+                .unwrap(),
+            headers: pgrx::JsonB(serde_json::json!({})).into_datum().unwrap(),
+            delay: None,
+        };
+        assert!(crate::direct::insert_published(&row(1)), "stock: direct");
+        Spi::run("CREATE INDEX published_by_destination ON outbox.published (destination)")
+            .unwrap();
+        assert!(
+            !crate::direct::insert_published(&row(2)),
+            "another index: the statement"
+        );
+        Spi::run("DROP INDEX outbox.published_by_destination").unwrap();
+        assert!(crate::direct::insert_published(&row(3)), "stock again");
+        let n: i64 =
+            one("SELECT count(*) FROM outbox.published WHERE destination = '/topic/direct'");
+        assert_eq!(n, 2);
+    }
 }
