@@ -110,6 +110,9 @@ fn publisher_settings() {
         c"enable_bitmapscan",
         c"enable_seqscan",
         c"synchronous_commit",
+        // A plan that had to keep a disabled node costs more than
+        // jit_above_cost: compiling it took time and 8 MB of memory.
+        c"jit",
     ] {
         // SAFETY: setting a GUC by name from the worker's main thread.
         unsafe {
