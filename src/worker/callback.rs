@@ -17,6 +17,7 @@ use pgrx::pg_sys;
 use super::subscription::Subscription;
 use crate::guc;
 use crate::latch::UserCode;
+use crate::subscriptions::may_execute;
 
 /// The last call ran past `outbox.callback_timeout` (set by the timer).
 static TIMED_OUT: AtomicBool = AtomicBool::new(false);
@@ -89,11 +90,6 @@ unsafe fn exists(cache: pg_sys::SysCacheIdentifier::Type, oid: pg_sys::Oid) -> b
             pg_sys::Datum::from(0),
         )
     }
-}
-
-/// Whether `role` holds EXECUTE on function `f`.
-unsafe fn may_execute(f: pg_sys::Oid, role: pg_sys::Oid) -> bool {
-    crate::subscriptions::may_execute(f, role)
 }
 
 impl Callback {

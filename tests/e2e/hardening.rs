@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use outbox_pg_e2e::broker::{self, Subscriber};
+use outbox_pg_e2e::broker::{self, Subscriber, send_raw};
 use outbox_pg_e2e::cluster::{describe, sqlstate};
 use outbox_pg_e2e::{Cluster, unique, wait_for};
 use postgres::{Client, NoTls};
@@ -170,29 +170,6 @@ fn received(c: &mut Client, sub: &str) -> Vec<(String, String, i32, Option<Strin
 
 /// A raw message: its extra headers and its body bytes.
 type Raw<'a> = (&'a [(&'a str, &'a str)], &'a [u8]);
-
-/// Sends raw STOMP messages (any body bytes, ids set by hand).
-fn send_raw(destination: &str, messages: &[Raw]) {
-    use broker::stomp::client::{Connection, send_batch};
-    use broker::stomp::frame::{Command, Frame};
-    let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
-    let frames: Vec<Frame> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, (headers, body))| {
-            let mut f = Frame::new(Command::Send)
-                .header("destination", destination)
-                .header("receipt", format!("r{i}"))
-                .header("persistent", "true");
-            for (k, v) in *headers {
-                f = f.header(*k, *v);
-            }
-            f.body(body.to_vec())
-        })
-        .collect();
-    let out = send_batch(&mut conn, &frames, Duration::from_secs(10));
-    assert!(out.all_ok(), "{:?}", out.errors);
-}
 
 /// A body for `slow`.
 fn slow_body(tag: &str, seq: &str, wait_ms: u32, sleep_starts: Option<u32>) -> String {

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use outbox_pg_e2e::broker::{self, Subscriber};
+use outbox_pg_e2e::broker::{self, Subscriber, send_raw};
 use outbox_pg_e2e::cluster::sqlstate;
 use outbox_pg_e2e::{Cluster, unique, wait_for};
 use postgres::Client;
@@ -86,29 +86,6 @@ fn received(c: &mut Client, sub: &str) -> Vec<(String, String, i32)> {
     .iter()
     .map(|r| (r.get(0), r.get(1), r.get(2)))
     .collect()
-}
-
-/// Sends raw STOMP messages (to set message ids by hand).
-fn send_raw(destination: &str, messages: &[(&[(&str, &str)], &str)]) {
-    use broker::stomp::client::{Connection, send_batch};
-    use broker::stomp::frame::{Command, Frame};
-    let mut conn = Connection::open(&broker::config(), broker::STOMP).unwrap();
-    let frames: Vec<Frame> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, (headers, body))| {
-            let mut f = Frame::new(Command::Send)
-                .header("destination", destination)
-                .header("receipt", format!("r{i}"))
-                .header("persistent", "true");
-            for (k, v) in *headers {
-                f = f.header(*k, *v);
-            }
-            f.body(body.as_bytes().to_vec())
-        })
-        .collect();
-    let out = send_batch(&mut conn, &frames, Duration::from_secs(10));
-    assert!(out.all_ok(), "{:?}", out.errors);
 }
 
 #[test]

@@ -168,3 +168,26 @@ pub fn wait_until_up() {
         Connection::open(&config(), STOMP).ok()
     });
 }
+
+/// Sends raw STOMP messages to `destination`, each with its extra headers
+/// (message ids set by hand) and its body bytes (any, also what the outbox
+/// would never write), all receipted.
+pub fn send_raw<B: AsRef<[u8]>>(destination: &str, messages: &[(&[(&str, &str)], B)]) {
+    let mut conn = Connection::open(&config(), STOMP).unwrap();
+    let frames: Vec<Frame> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, (headers, body))| {
+            let mut f = Frame::new(Command::Send)
+                .header("destination", destination)
+                .header("receipt", format!("r{i}"))
+                .header("persistent", "true");
+            for (k, v) in *headers {
+                f = f.header(*k, *v);
+            }
+            f.body(body.as_ref().to_vec())
+        })
+        .collect();
+    let out = stomp::client::send_batch(&mut conn, &frames, Duration::from_secs(10));
+    assert!(out.all_ok(), "{:?}", out.errors);
+}
