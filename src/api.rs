@@ -143,7 +143,7 @@ finfo_v1!(pg_finfo_outbox_workers);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn outbox_workers(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    use crate::shmem::{PUBLISHER, SLOTS, Slot};
+    use crate::shmem::{PUBLISHERS, SLOTS, Slot};
     let mut list = Vec::new();
     let entry = |kind: &str, s: &Slot| {
         let ts = |ms: i64| {
@@ -165,9 +165,15 @@ pub unsafe extern "C-unwind" fn outbox_workers(_fcinfo: pg_sys::FunctionCallInfo
             "last_error_at": ts(s.error_at),
         })
     };
+    // This database's workers only.
+    if let Some((i, _)) = crate::shmem::db_of(unsafe { pg_sys::MyDatabaseId }) {
+        list.push(entry("publisher", &PUBLISHERS.share().0[i]));
+    } else if crate::shmem::preloaded() {
+        list.push(entry("publisher", &Slot::EMPTY));
+    }
     if crate::shmem::preloaded() {
-        list.push(entry("publisher", &PUBLISHER.share()));
-        for s in SLOTS.share().0.iter().filter(|s| s.used) {
+        let db = crate::shmem::my_db();
+        for s in SLOTS.share().0.iter().filter(|s| s.used && s.db == db) {
             list.push(entry("consumer", s));
         }
     }

@@ -1,7 +1,7 @@
 //! Settings: every `outbox.*` GUC, its default, and when it takes effect.
 //!
-//! `outbox.database` and `outbox.max_consumers` are read by the postmaster
-//! (PGC_POSTMASTER); every other setting is reloadable (PGC_SIGHUP), and
+//! `outbox.max_consumers` is read by the postmaster (PGC_POSTMASTER); every
+//! other setting is reloadable (PGC_SIGHUP), and
 //! `outbox.stomp_passcode` is visible to superusers only.
 
 use std::ffi::{CStr, CString};
@@ -47,6 +47,67 @@ pub static MAX_CONSUMERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static CALLBACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 
+/// What `outbox.database` asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Databases {
+    /// `*`: every database in which the extension is installed.
+    All,
+    /// The databases named.
+    Names(Vec<String>),
+}
+
+impl Databases {
+    /// Parses the setting: `*`, or names separated by commas (blanks
+    /// around a name are dropped; a name may be double-quoted, `""` inside
+    /// quotes standing for one `"`).
+    pub fn parse(text: &str) -> Databases {
+        if text.trim() == "*" {
+            return Databases::All;
+        }
+        let mut names = Vec::new();
+        let mut chars = text.chars().peekable();
+        loop {
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            let mut name = String::new();
+            if chars.next_if_eq(&'"').is_some() {
+                while let Some(c) = chars.next() {
+                    if c == '"' && chars.next_if_eq(&'"').is_none() {
+                        break;
+                    }
+                    name.push(c);
+                }
+                while chars.next_if(|c| *c != ',').is_some() {}
+            } else {
+                while let Some(c) = chars.next_if(|c| *c != ',') {
+                    name.push(c);
+                }
+                name.truncate(name.trim_end().len());
+            }
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+            if chars.next().is_none() {
+                break;
+            }
+        }
+        Databases::Names(names)
+    }
+
+    /// Whether a database of this name is served (for `*`: when the
+    /// extension is installed there, which the caller checks).
+    pub fn serves(&self, name: &str) -> bool {
+        match self {
+            Databases::All => true,
+            Databases::Names(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// The `outbox.database` setting, parsed.
+pub fn databases() -> Databases {
+    Databases::parse(&text(&DATABASE))
+}
+
 /// Registers every setting; called from `_PG_init` in every process that
 /// loads the library.
 pub fn init() {
@@ -58,14 +119,14 @@ pub fn init() {
     // Postgres accepts PGC_POSTMASTER settings only while preloading; a
     // backend that loads the library later has no workers to configure.
     let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    string(
+        c"outbox.database",
+        c"Databases the outbox workers serve: a name, a comma-separated list, or * for every database with the extension.",
+        &DATABASE,
+        sighup(),
+        none,
+    );
     if preloading {
-        string(
-            c"outbox.database",
-            c"Database the outbox workers serve.",
-            &DATABASE,
-            GucContext::Postmaster,
-            none,
-        );
         GucRegistry::define_int_guc(
             c"outbox.max_consumers",
             c"Most consumer workers that may run at once.",
@@ -274,4 +335,31 @@ pub fn text(setting: &GucSetting<Option<CString>>) -> String {
         .get()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::Databases::{self, All, Names};
+
+    fn names(list: &[&str]) -> Databases {
+        Names(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn the_database_setting_takes_a_star_a_name_or_a_list() {
+        assert_eq!(Databases::parse("*"), All);
+        assert_eq!(Databases::parse("  * "), All);
+        assert_eq!(Databases::parse("postgres"), names(&["postgres"]));
+        assert_eq!(Databases::parse("a, b ,c"), names(&["a", "b", "c"]));
+        assert_eq!(Databases::parse("a,,a, "), names(&["a"]));
+        assert_eq!(Databases::parse(""), names(&[]));
+        assert_eq!(
+            Databases::parse(r#""x,y", "say ""hi""" ,z"#),
+            names(&["x,y", r#"say "hi""#, "z"])
+        );
+        assert_eq!(Databases::parse("*x"), names(&["*x"]));
+        assert!(All.serves("anything"));
+        assert!(names(&["a", "b"]).serves("b"));
+        assert!(!names(&["a", "b"]).serves("B"));
+    }
 }

@@ -19,6 +19,7 @@ mod status;
 mod stomp;
 mod subscriptions;
 mod trigger;
+mod utility;
 mod wake;
 mod worker;
 
@@ -44,6 +45,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init_shared_memory();
         worker::register();
+        utility::init();
     }
 }
 

@@ -1,21 +1,50 @@
 //! The extension's shared memory, present only when the library is
-//! preloaded: the *shared state* (atomics: the publisher's pid, the commit
-//! and subscription counters) and one *slot* per worker (a consumer's
+//! preloaded: the *shared state* (atomics: the launcher's pid, and per
+//! served database an *entry* with its publisher's pid, commit and
+//! subscription counters) and one *slot* per worker (a consumer's
 //! reservation, and every worker's status as `outbox.stats()` shows it).
-//! Layout only: `status.rs` writes the slots, `wake.rs` the counters.
+//! Layout only: `status.rs` writes the slots, `wake.rs` the counters, the
+//! launcher (worker/launcher.rs) the entries.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock};
 
 use crate::guc::CONSUMER_SLOTS;
 
+/// Most databases served at once (entries in shared memory).
+pub const MAX_DATABASES: usize = 32;
+
 /// Process-wide state shared by the workers and the backends.
 #[derive(Default)]
 pub struct Shared {
-    /// pid of the running publisher worker, 0 when none runs.
+    /// pid of the launcher, 0 when none runs.
+    pub launcher_pid: AtomicI32,
+    /// Bumped at the commit of every `CREATE EXTENSION outbox_pg` (and at a
+    /// failed `DROP DATABASE`): the launcher looks at every database again.
+    pub installs: AtomicU64,
+    /// One entry per served database.
+    pub dbs: [Db; MAX_DATABASES],
+}
+
+/// A served database's state. Only the launcher takes and frees entries.
+#[derive(Default)]
+pub struct Db {
+    /// The database's oid; 0: a free entry.
+    pub oid: AtomicU32,
+    /// The launcher serves it; false: its workers leave, and a restarted
+    /// consumer exits at once.
+    pub served: AtomicBool,
+    /// A `DROP DATABASE` of it is under way: its workers leave, none starts.
+    pub dropping: AtomicBool,
+    /// Its publisher found no extension there: 1 + the `installs` count it
+    /// read before it looked (0: not absent). Not started again until that
+    /// count moves (a `CREATE EXTENSION` committed) or a reload: a count
+    /// read before the look cannot miss a commit during it.
+    pub absent: AtomicU64,
+    /// pid of its running publisher, 0 when none runs.
     pub publisher_pid: AtomicI32,
     /// Commits of transactions that published, since start.
     pub commits: AtomicU64,
@@ -36,7 +65,28 @@ pub struct Shared {
     /// consumers in a reconnection backoff try at once.
     pub broker_returns: AtomicU64,
     /// Publisher incarnations in a row that ended in an error.
-    pub publisher_failures: std::sync::atomic::AtomicU32,
+    pub publisher_failures: AtomicU32,
+}
+
+impl Db {
+    /// Whether the publisher found no extension since the last install.
+    pub fn is_absent(&self, installs: u64) -> bool {
+        self.absent.load(Ordering::Acquire) == installs.wrapping_add(1)
+    }
+
+    /// Clears everything but the oid (the launcher, before taking it).
+    pub fn reset(&self) {
+        self.served.store(false, Ordering::Release);
+        self.dropping.store(false, Ordering::Release);
+        self.absent.store(0, Ordering::Release);
+        self.publisher_pid.store(0, Ordering::Release);
+        self.wake_pending.store(false, Ordering::Release);
+        self.cleaned_at.store(0, Ordering::Release);
+        self.publisher_busy.store(false, Ordering::Release);
+        self.publisher_failures.store(0, Ordering::Release);
+        // Counters only grow: a reader comparing with an older value sees
+        // a change, never misses one.
+    }
 }
 
 // SAFETY: only atomics, no pointers.
@@ -44,12 +94,58 @@ unsafe impl PGRXSharedMemory for Shared {}
 
 pub static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"outbox_pg_shared") };
 
+/// The entry of database `oid`, with its index.
+pub fn db_of(oid: pg_sys::Oid) -> Option<(usize, &'static Db)> {
+    let oid = oid.to_u32();
+    if oid == 0 || !preloaded() {
+        return None;
+    }
+    SHARED
+        .get()
+        .dbs
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d.oid.load(Ordering::Acquire) == oid)
+}
+
+thread_local! {
+    /// The entry a worker serves (set once it has its database).
+    static MINE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Called by a worker once it knows its database's entry.
+pub fn set_mine(index: usize) {
+    MINE.set(Some(index));
+}
+
+/// The index of the worker's entry.
+pub fn mine_index() -> Option<usize> {
+    MINE.get()
+}
+
+/// The entry of the worker's database (its own copy after the launcher
+/// freed it: the worker is about to leave then).
+pub fn mine() -> &'static Db {
+    static ORPHAN: std::sync::OnceLock<Db> = std::sync::OnceLock::new();
+    match MINE.get() {
+        Some(i) => &SHARED.get().dbs[i],
+        None => ORPHAN.get_or_init(Db::default),
+    }
+}
+
+/// The entry of the current database, for a backend (None: not served).
+pub fn here() -> Option<&'static Db> {
+    db_of(unsafe { pg_sys::MyDatabaseId }).map(|(_, d)| d)
+}
+
 /// One worker's place in shared memory: for a consumer, reserved by the
 /// supervisor (pid 0, `reserved_at` set) and taken by the worker (its pid);
 /// for every worker, its status as `outbox.stats()` shows it.
 #[derive(Clone, Copy)]
 pub struct Slot {
     pub used: bool,
+    /// The database of the worker (its oid).
+    pub db: u32,
     pub pid: i32,
     /// When the supervisor reserved it (ms since the epoch).
     pub reserved_at: i64,
@@ -99,6 +195,7 @@ fn copy_text(dst: &mut [u8], text: &str) -> usize {
 impl Slot {
     pub const EMPTY: Slot = Slot {
         used: false,
+        db: 0,
         pid: 0,
         reserved_at: 0,
         name_len: 0,
@@ -153,8 +250,20 @@ unsafe impl PGRXSharedMemory for Slots {}
 
 pub static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"outbox_pg_slots") };
 
-/// The publisher's status.
-pub static PUBLISHER: PgLwLock<Slot> = unsafe { PgLwLock::new(c"outbox_pg_publisher") };
+/// Every publisher's status, at its database's entry index.
+#[derive(Clone, Copy)]
+pub struct Publishers(pub [Slot; MAX_DATABASES]);
+
+impl Default for Publishers {
+    fn default() -> Self {
+        Publishers([Slot::EMPTY; MAX_DATABASES])
+    }
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for Publishers {}
+
+pub static PUBLISHERS: PgLwLock<Publishers> = unsafe { PgLwLock::new(c"outbox_pg_publishers") };
 
 // SAFETY: plain data, no pointers.
 unsafe impl PGRXSharedMemory for Slot {}
@@ -182,7 +291,7 @@ pub fn init_shared_memory() {
     PRELOADED.with(|p| p.set(true));
     pgrx::pg_shmem_init!(SHARED);
     pgrx::pg_shmem_init!(SLOTS);
-    pgrx::pg_shmem_init!(PUBLISHER);
+    pgrx::pg_shmem_init!(PUBLISHERS);
 }
 
 pub fn preloaded() -> bool {
@@ -192,4 +301,9 @@ pub fn preloaded() -> bool {
 /// The shared state, when the library was preloaded.
 pub fn shared() -> Option<&'static Shared> {
     preloaded().then(|| SHARED.get())
+}
+
+/// The current database's oid, as slots hold it.
+pub fn my_db() -> u32 {
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
 }

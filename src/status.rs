@@ -4,7 +4,7 @@
 
 use pgrx::pg_sys;
 
-use crate::shmem::{PUBLISHER, SLOTS, Slot, WorkerState, now_ms};
+use crate::shmem::{PUBLISHERS, SLOTS, Slot, WorkerState, mine_index, my_db, now_ms};
 
 /// Where a worker reports its status.
 #[derive(Clone)]
@@ -16,10 +16,19 @@ pub enum Reporter {
 impl Reporter {
     fn with(&self, f: impl FnOnce(&mut Slot)) {
         match self {
-            Reporter::Publisher => f(&mut PUBLISHER.exclusive()),
+            Reporter::Publisher => {
+                if let Some(i) = mine_index() {
+                    f(&mut PUBLISHERS.exclusive().0[i])
+                }
+            }
             Reporter::Consumer(name) => {
+                let db = my_db();
                 let mut slots = SLOTS.exclusive();
-                if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+                if let Some(s) = slots
+                    .0
+                    .iter_mut()
+                    .find(|s| s.used && s.db == db && s.name() == name)
+                {
                     f(s);
                 }
             }
@@ -28,8 +37,10 @@ impl Reporter {
 
     pub fn started(&self) {
         let pid = unsafe { pg_sys::MyProcPid };
+        let db = my_db();
         self.with(|s| {
             s.used = true;
+            s.db = db;
             s.pid = pid;
             s.state = WorkerState::Starting;
             s.started_at = now_ms();

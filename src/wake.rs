@@ -4,7 +4,9 @@
 //! its transaction, and when that transaction commits it sets the
 //! publisher's latch, so delivery starts at once instead of at the next
 //! `outbox.poll_interval`; a transaction that changed subscriptions bumps
-//! their *generation* at commit and wakes the supervisor and the consumers.
+//! their *generation* at commit and wakes the supervisor and the consumers;
+//! one that installed the extension wakes the launcher. All of it concerns
+//! the current database's *entry* (none: the database is not served).
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -12,12 +14,20 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::shmem::{SHARED, SLOTS, preloaded, shared};
+use crate::shmem::{SLOTS, here, mine, my_db, preloaded, shared};
 
 thread_local! {
     static ARMED: Cell<bool> = const { Cell::new(false) };
     static CALLBACK: Cell<bool> = const { Cell::new(false) };
     static SUBSCRIPTIONS_CHANGED: Cell<bool> = const { Cell::new(false) };
+    static INSTALLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current transaction as installing the extension: at commit
+/// the launcher looks at this database.
+pub fn arm_installed() {
+    register_callback();
+    INSTALLED.with(|c| c.set(true));
 }
 
 fn register_callback() {
@@ -51,33 +61,35 @@ pub fn arm() {
     }
 }
 
-/// The database the workers serve, when it is not the current one (asked
-/// once per backend: neither can change while it runs).
+/// The `outbox.database` setting, when it does not name the current
+/// database (worked out again only when the setting changes: a reload).
 fn serving_other_database() -> Option<String> {
     thread_local! {
-        static ANSWER: std::cell::OnceCell<Option<String>> = const { std::cell::OnceCell::new() };
+        static ANSWER: std::cell::RefCell<Option<(String, bool)>> = const { std::cell::RefCell::new(None) };
     }
-    ANSWER.with(|a| a.get_or_init(look_up_serving_other_database).clone())
-}
-
-fn look_up_serving_other_database() -> Option<String> {
-    let serving = crate::guc::text(&crate::guc::DATABASE);
-    let here = unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            return None;
+    let setting = crate::guc::text(&crate::guc::DATABASE);
+    ANSWER.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.as_ref().is_none_or(|(s, _)| *s != setting) {
+            let here = unsafe {
+                let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+                (!name.is_null()).then(|| {
+                    std::ffi::CStr::from_ptr(name)
+                        .to_string_lossy()
+                        .into_owned()
+                })
+            };
+            let served = here.is_none_or(|h| crate::guc::databases().serves(&h));
+            *a = Some((setting.clone(), served));
         }
-        std::ffi::CStr::from_ptr(name)
-            .to_string_lossy()
-            .into_owned()
-    };
-    (serving != here).then_some(serving)
+        (!a.as_ref().is_some_and(|(_, served)| *served)).then_some(setting)
+    })
 }
 
 /// Whether transactions that published committed since the last call
 /// (the publisher's check before it looks at the table).
 pub fn take_commits() -> bool {
-    let s = SHARED.get();
+    let s = mine();
     // Cleared before the look: a commit after this point sets the latch.
     s.wake_pending.store(false, Ordering::Release);
     let now = s.commits.load(Ordering::Acquire);
@@ -87,14 +99,14 @@ pub fn take_commits() -> bool {
 /// Counts a commit that published, and sets the publisher's latch unless
 /// a wake-up is pending already.
 pub fn wake_publisher() {
-    let Some(shared) = shared() else { return };
+    let Some(shared) = here() else { return };
     shared.commits.fetch_add(1, Ordering::AcqRel);
     if !shared.wake_pending.swap(true, Ordering::AcqRel) {
         set_latch_of(shared.publisher_pid.load(Ordering::Acquire));
     }
 }
 
-fn set_latch_of(pid: i32) {
+pub fn set_latch_of(pid: i32) {
     if pid <= 0 {
         return;
     }
@@ -106,20 +118,21 @@ fn set_latch_of(pid: i32) {
     }
 }
 
-/// Sets the latch of every consumer worker.
 /// The publisher reached the broker after a failure: consumers backing off
 /// reconnect now.
 pub fn broker_returned() {
-    SHARED.get().broker_returns.fetch_add(1, Ordering::AcqRel);
+    mine().broker_returns.fetch_add(1, Ordering::AcqRel);
     wake_consumers();
 }
 
+/// Sets the latch of every consumer worker of the current database.
 fn wake_consumers() {
+    let db = my_db();
     let pids: Vec<i32> = SLOTS
         .share()
         .0
         .iter()
-        .filter(|s| s.used)
+        .filter(|s| s.used && s.db == db)
         .map(|s| s.pid)
         .collect();
     pids.into_iter().for_each(set_latch_of);
@@ -133,8 +146,14 @@ unsafe extern "C-unwind" fn at_xact_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if SUBSCRIPTIONS_CHANGED.with(|c| c.replace(false))
+            if INSTALLED.with(|c| c.replace(false))
                 && let Some(shared) = shared()
+            {
+                shared.installs.fetch_add(1, Ordering::AcqRel);
+                set_latch_of(shared.launcher_pid.load(Ordering::Acquire));
+            }
+            if SUBSCRIPTIONS_CHANGED.with(|c| c.replace(false))
+                && let Some(shared) = here()
             {
                 shared.subscriptions.fetch_add(1, Ordering::AcqRel);
                 wake_consumers();
@@ -153,6 +172,7 @@ unsafe extern "C-unwind" fn at_xact_end(
             ARMED.with(|a| a.set(false));
             // A rolled-back subscribe changed nothing.
             SUBSCRIPTIONS_CHANGED.with(|c| c.set(false));
+            INSTALLED.with(|c| c.set(false));
         }
         _ => {}
     }

@@ -91,15 +91,13 @@ fn queue_headers() -> Vec<(String, String)> {
 
 /// The subscriptions' generation (bumped at every commit that changed them).
 fn generation() -> u64 {
-    crate::shmem::SHARED
-        .get()
+    crate::shmem::mine()
         .subscriptions
         .load(std::sync::atomic::Ordering::Acquire)
 }
 
 fn broker_returns() -> u64 {
-    crate::shmem::SHARED
-        .get()
+    crate::shmem::mine()
         .broker_returns
         .load(std::sync::atomic::Ordering::Acquire)
 }
@@ -123,7 +121,7 @@ enum Verdict {
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn outbox_consumer_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     // SIGTERM as every backend has it: a terminate or a shutdown ends the
     // worker wherever it is, inside a callback or a lock wait too (its
@@ -137,8 +135,14 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
     unsafe { pqsignal(libc::SIGTERM, Some(die)) };
     latch::in_worker();
     let name = BackgroundWorker::get_extra().to_string();
-    let database = guc::text(&guc::DATABASE);
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // Its database's oid: a consumer restarted after its database was
+    // dropped (or is no longer served) leaves for good before connecting.
+    let oid = pg_sys::Oid::from(arg.value() as u32);
+    let Some((index, _)) = super::entry_to_serve(oid) else {
+        super::exit(0);
+    };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
+    crate::shmem::set_mine(index);
     super::ignore_session_limits();
     super::pin_search_path();
     if !claim_slot(&name) {
@@ -169,8 +173,13 @@ pub extern "C-unwind" fn outbox_consumer_main(_arg: pg_sys::Datum) {
 /// a restart of shared memory); false if a live worker holds it.
 fn claim_slot(name: &str) -> bool {
     let me = unsafe { pg_sys::MyProcPid };
+    let db = crate::shmem::my_db();
     let mut slots = SLOTS.exclusive();
-    if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+    if let Some(s) = slots
+        .0
+        .iter_mut()
+        .find(|s| s.used && s.db == db && s.name() == name)
+    {
         if s.pid != 0 && s.pid != me && unsafe { !pg_sys::BackendPidGetProc(s.pid).is_null() } {
             return false;
         }
@@ -181,6 +190,7 @@ fn claim_slot(name: &str) -> bool {
         Some(s) => {
             *s = crate::shmem::Slot::EMPTY;
             s.used = true;
+            s.db = db;
             s.pid = me;
             s.set_name(name);
             true
@@ -196,8 +206,13 @@ fn release_slot(name: &str) {
 /// Frees the slot for good (the subscription is gone), or only forgets
 /// the pid (the worker will be restarted into it).
 fn release_slot_if(name: &str, for_good: bool) {
+    let db = crate::shmem::my_db();
     let mut slots = SLOTS.exclusive();
-    if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+    if let Some(s) = slots
+        .0
+        .iter_mut()
+        .find(|s| s.used && s.db == db && s.name() == name)
+    {
         if for_good {
             *s = crate::shmem::Slot::EMPTY;
         } else {
@@ -327,6 +342,14 @@ impl Consumer {
     fn run(&mut self) -> i32 {
         loop {
             latch::interrupts();
+            if !super::still_served() {
+                log!(
+                    "outbox consumer \"{}\": its database is no longer served, stopping",
+                    self.sub.name
+                );
+                self.disconnect();
+                return 0;
+            }
             if BackgroundWorker::sighup_received() {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 self.link.reload();

@@ -1,6 +1,7 @@
-//! Background workers: the publisher (one per cluster, serving
-//! `outbox.database`, registered with the postmaster at preload time), which
-//! also supervises the consumers (one dynamic worker per subscription).
+//! Background workers: the launcher (one per cluster, registered with the
+//! postmaster at preload time, no database), the publishers it starts (one
+//! per database served), and the consumers each publisher supervises (one
+//! per subscription of its database).
 
 mod callback;
 pub mod consumer;
@@ -8,27 +9,49 @@ mod flight;
 mod floor;
 mod inbox;
 mod keeper;
+pub mod launcher;
 pub mod link;
 pub mod publisher;
 mod subscription;
 pub mod supervisor;
 mod tx;
 
-use std::time::Duration;
+use pgrx::pg_sys;
 
-use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
-
-/// Registers the publisher; called from `_PG_init` while preloading.
+/// Registers the launcher; called from `_PG_init` while preloading.
 pub fn register() {
-    BackgroundWorkerBuilder::new("outbox publisher")
-        .set_type("outbox publisher")
-        .set_library("outbox_pg")
-        .set_function("outbox_publisher_main")
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        // A worker that dies is started again after a second.
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
+    launcher::register();
+}
+
+/// The entry of database `oid` when its workers are wanted there (served,
+/// and not being dropped): checked by a starting worker before it connects.
+pub fn entry_to_serve(oid: pg_sys::Oid) -> Option<(usize, &'static crate::shmem::Db)> {
+    use std::sync::atomic::Ordering::Acquire;
+    crate::shmem::db_of(oid).filter(|(_, d)| d.served.load(Acquire) && !d.dropping.load(Acquire))
+}
+
+/// Whether the worker's database is still served (the launcher or a
+/// `DROP DATABASE` says no by the entry, and signals the worker).
+pub fn still_served() -> bool {
+    use std::sync::atomic::Ordering::Acquire;
+    let db = crate::shmem::mine();
+    db.oid.load(Acquire) == crate::shmem::my_db()
+        && db.served.load(Acquire)
+        && !db.dropping.load(Acquire)
+}
+
+/// The current database's name (a catalog look-up: inside a transaction).
+pub fn database_name() -> String {
+    // SAFETY: a catalog lookup from a connected worker.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// Makes the worker immune to time limits set for its database or role

@@ -38,18 +38,42 @@ const SAFETY_POLL: Duration = Duration::from_secs(60);
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn outbox_publisher_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = guc::text(&guc::DATABASE);
     crate::latch::in_worker();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // Started by the launcher for one database (its oid), whose entry says
+    // whether it is still wanted: it may have gone meanwhile.
+    let oid = pg_sys::Oid::from(arg.value() as u32);
+    let Some((index, shared)) = super::entry_to_serve(oid) else {
+        super::exit(0);
+    };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
+    crate::shmem::set_mine(index);
     super::ignore_session_limits();
     super::pin_search_path();
     publisher_settings();
-    let shared = crate::shmem::SHARED.get();
-    shared
-        .publisher_pid
-        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    let database = BackgroundWorker::transaction(super::database_name);
+    // Read before the look: an install committed during it moves the count.
+    let installs = crate::shmem::SHARED.get().installs.load(Ordering::Acquire);
+    if !extension_ready() {
+        // Started again after a CREATE EXTENSION (or a reload).
+        log!(
+            "outbox publisher: the extension is not installed in database \"{database}\"; not serving it"
+        );
+        shared
+            .absent
+            .store(installs.wrapping_add(1), Ordering::Release);
+        super::exit(0);
+    }
+    // One publisher per database: one started by an earlier launcher
+    // (terminated meanwhile) may still run.
+    let me = unsafe { pg_sys::MyProcPid };
+    let holder = shared.publisher_pid.swap(me, Ordering::AcqRel);
+    if holder != 0 && holder != me && unsafe { !pg_sys::BackendPidGetProc(holder).is_null() } {
+        shared.publisher_pid.store(holder, Ordering::Release);
+        log!("outbox publisher: database \"{database}\" has one already (pid {holder})");
+        super::exit(0);
+    }
     log!("outbox publisher started for database \"{database}\"");
 
     let report = crate::status::Reporter::Publisher;
@@ -57,7 +81,7 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     let mut p = Publisher::new();
     let mut stop = !back_off_after_errors(shared);
     while !stop {
-        if BackgroundWorker::sigterm_received() {
+        if BackgroundWorker::sigterm_received() || !super::still_served() {
             break;
         }
         if BackgroundWorker::sighup_received() {
@@ -66,6 +90,12 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
         }
         shared.publisher_busy.store(true, Ordering::Release);
         let mut wait = p.step();
+        if p.gone {
+            log!("outbox publisher: the extension was dropped from database \"{database}\"");
+            // Not marked absent: the launcher starts it again, and it
+            // looks then (a DROP and CREATE in quick turn is served).
+            break;
+        }
         // A unit of work ends when its flights are marked: a failure
         // between its steps counts as one of the unit.
         if p.window.is_empty() {
@@ -90,10 +120,8 @@ pub extern "C-unwind" fn outbox_publisher_main(_arg: pg_sys::Datum) {
     report.stopped();
     shared.publisher_pid.store(0, Ordering::Release);
     log!("outbox publisher stopped");
-    // Exit code 1 asks the postmaster to start the worker again after the
-    // restart time (a terminated publisher comes back); at shutdown it
-    // restarts nothing.
-    unsafe { pg_sys::proc_exit(1) };
+    // The launcher starts it again when its database is still served.
+    super::exit(0);
 }
 
 /// The publisher's statements are index walks in id order that stop at a
@@ -131,7 +159,7 @@ fn publisher_settings() {
 /// `outbox.maximum_backoff`, on top of the postmaster's 1 s restart time,
 /// instead of re-sending the same batch every second. False when the
 /// worker must exit meanwhile.
-fn back_off_after_errors(shared: &crate::shmem::Shared) -> bool {
+fn back_off_after_errors(shared: &crate::shmem::Db) -> bool {
     if !shared.publisher_busy.swap(false, Ordering::AcqRel) {
         shared.publisher_failures.store(0, Ordering::Release);
         return true;
@@ -203,8 +231,8 @@ struct Publisher {
     last_query: Option<Instant>,
     next_due: Option<Instant>,
     idle: bool,
-    /// outbox.published exists (see step).
-    ready: bool,
+    /// The extension was dropped (the supervisor found no table).
+    gone: bool,
     supervisor: super::supervisor::Supervisor,
     /// When the supervisor last checked every subscription.
     supervised_at: Option<Instant>,
@@ -228,7 +256,7 @@ impl Publisher {
             last_query: None,
             next_due: None,
             idle: false,
-            ready: false,
+            gone: false,
             supervisor: Default::default(),
             supervised_at: None,
         }
@@ -266,18 +294,12 @@ impl Publisher {
             self.supervised_at = Some(Instant::now());
         }
         self.supervisor.run(force);
+        if self.supervisor.gone {
+            self.gone = true;
+            return Duration::ZERO;
+        }
         if self.idle && !self.should_look(poll) {
             return self.idle_wait(poll);
-        }
-        // Checked until found: once the table exists, a dropped extension
-        // shows as an error in the batch, and the restarted worker checks
-        // again. (No query per wake-up: commits wake the worker often.)
-        if !self.ready {
-            if !extension_ready() {
-                self.idle = false;
-                return poll;
-            }
-            self.ready = true;
         }
         if self.window.is_empty() {
             // Not while flights wait for receipts (nothing reads them meanwhile).
@@ -489,8 +511,7 @@ impl Publisher {
             BackgroundWorker::transaction(|| record(&verdict));
             if verdict.lost.is_none() {
                 // A unit of work done: errors before it do not add up.
-                crate::shmem::SHARED
-                    .get()
+                crate::shmem::mine()
                     .publisher_failures
                     .store(0, Ordering::Release);
             }
@@ -550,7 +571,7 @@ fn release_free_memory() {
 /// Deletes finished rows older than `outbox.days_to_keep_data`, at most
 /// once per `outbox.cleanup_interval`, one bounded batch per transaction.
 fn retention() {
-    let shared = crate::shmem::SHARED.get();
+    let shared = crate::shmem::mine();
     let now = crate::shmem::now_ms();
     let interval = i64::from(guc::CLEANUP_INTERVAL_S.get().max(1)) * 1000;
     let last = shared.cleaned_at.load(Ordering::Acquire);

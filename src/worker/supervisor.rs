@@ -29,15 +29,14 @@ pub struct Supervisor {
     seen: Option<u64>,
     /// The last problem logged (logged once).
     logged: Option<String>,
+    /// The extension's tables are gone (DROP EXTENSION).
+    pub gone: bool,
 }
 
 use crate::shmem::now_ms;
 
 fn generation() -> u64 {
-    crate::shmem::SHARED
-        .get()
-        .subscriptions
-        .load(Ordering::Acquire)
+    crate::shmem::mine().subscriptions.load(Ordering::Acquire)
 }
 
 impl Supervisor {
@@ -61,9 +60,9 @@ impl Supervisor {
             return;
         }
         self.seen = Some(generation);
-        let names: Vec<String> = BackgroundWorker::transaction(|| {
+        let names: Option<Vec<String>> = BackgroundWorker::transaction(|| {
             if !super::table_exists("subscriptions") {
-                return Vec::new();
+                return None;
             }
             Spi::connect(|c| {
                 c.select(
@@ -75,9 +74,14 @@ impl Supervisor {
                     rows.filter_map(|r| r.get::<String>(1).ok().flatten())
                         .collect()
                 })
-                .unwrap_or_default()
+                .ok()
             })
+            .or(Some(Vec::new()))
         });
+        let Some(names) = names else {
+            self.gone = true;
+            return;
+        };
         let limit = (guc::MAX_CONSUMERS.get().max(0) as usize).min(crate::guc::CONSUMER_SLOTS);
         for name in names {
             if let Err(problem) = self.ensure(&name, limit)
@@ -92,18 +96,27 @@ impl Supervisor {
     /// Makes sure a worker runs (or is starting) for `name`.
     fn ensure(&mut self, name: &str, limit: usize) -> Result<(), String> {
         let index = {
+            let db = crate::shmem::my_db();
             let mut slots = SLOTS.exclusive();
             let now = now_ms();
-            if let Some(s) = slots.0.iter().find(|s| s.used && s.name() == name) {
+            if let Some(s) = slots
+                .0
+                .iter()
+                .find(|s| s.used && s.db == db && s.name() == name)
+            {
                 let stale = s.pid == 0 && now - s.reserved_at > STALE_RESERVATION_MS;
                 if !stale {
                     return Ok(());
                 }
             }
-            if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.name() == name) {
+            if let Some(s) = slots
+                .0
+                .iter_mut()
+                .find(|s| s.used && s.db == db && s.name() == name)
+            {
                 *s = crate::shmem::Slot::EMPTY;
             }
-            if slots.0.iter().filter(|s| s.used).count() >= limit {
+            if slots.0.iter().filter(|s| s.used && s.db == db).count() >= limit {
                 return Err(format!(
                     "subscription \"{name}\" has no consumer: outbox.max_consumers ({limit}) are running"
                 ));
@@ -115,6 +128,7 @@ impl Supervisor {
             };
             *slot = crate::shmem::Slot::EMPTY;
             slot.used = true;
+            slot.db = db;
             slot.reserved_at = now;
             slot.set_name(name);
             i
@@ -124,15 +138,23 @@ impl Supervisor {
             .set_library("outbox_pg")
             .set_function("outbox_consumer_main")
             .set_extra(name)
+            // Its database, which it checks before connecting.
+            .set_argument(Some(pg_sys::Datum::from(crate::shmem::my_db())))
             .enable_spi_access()
             .set_start_time(BgWorkerStartTime::RecoveryFinished)
             .set_restart_time(Some(Duration::from_secs(1)))
             .load_dynamic();
-        if let Err(e) = started {
-            SLOTS.exclusive().0[index] = crate::shmem::Slot::EMPTY;
-            return Err(format!(
-                "could not start a consumer for subscription \"{name}\" ({e:?}); raise max_worker_processes"
-            ));
+        if started.is_err() {
+            let problem = format!(
+                "could not start a consumer for subscription \"{name}\": no background worker slot is free; raise max_worker_processes"
+            );
+            // Kept, stopped, with the reason, so that outbox.status shows
+            // it; the reservation goes stale and is tried again.
+            let mut slots = SLOTS.exclusive();
+            let slot = &mut slots.0[index];
+            slot.state = crate::shmem::WorkerState::Stopped;
+            slot.set_error(&problem, now_ms());
+            return Err(problem);
         }
         debug1!("outbox supervisor: started a consumer for subscription \"{name}\"");
         Ok(())

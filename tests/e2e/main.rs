@@ -3,7 +3,9 @@
 
 mod activemq;
 mod api;
+mod databases;
 mod delivery;
+mod failover;
 mod hardening;
 mod inbox;
 mod operations;

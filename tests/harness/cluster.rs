@@ -26,7 +26,7 @@ pub fn pg_config_value(flag: &str) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe extern "C" {
         fn geteuid() -> u32;
@@ -36,7 +36,7 @@ fn is_root() -> bool {
 
 /// A command run as the `postgres` user when we are root (Postgres refuses
 /// to run as root), as ourselves otherwise.
-fn server_command(program: &Path) -> Command {
+pub(crate) fn server_command(program: &Path) -> Command {
     if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(program);
@@ -58,12 +58,12 @@ pub fn root_command(program: &str) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().unwrap().port()
 }
 
-fn check(out: Output, what: &str) -> Output {
+pub(crate) fn check(out: Output, what: &str) -> Output {
     assert!(
         out.status.success(),
         "{what} failed: {}\n{}",
@@ -135,6 +135,17 @@ impl Cluster {
         let c = Cluster { port, dir, bindir };
         c.pg_ctl(&["start", "-w", "-t", "60"]);
         c
+    }
+
+    /// A cluster around a data directory made elsewhere (a base backup in
+    /// `dir/data`, see `standby`) that will listen on `port`; not started
+    /// here. Stopped and removed on drop like any other.
+    pub(crate) fn adopt(dir: PathBuf, port: u16) -> Cluster {
+        Cluster {
+            port,
+            dir,
+            bindir: pg_config_value("--bindir"),
+        }
     }
 
     pub fn data(&self) -> PathBuf {

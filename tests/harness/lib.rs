@@ -9,6 +9,7 @@
 pub mod activemq;
 pub mod broker;
 pub mod cluster;
+pub mod standby;
 
 pub use cluster::Cluster;
 
