@@ -413,13 +413,15 @@ fn the_worker_carries_on_through_session_limits_a_recreated_extension_and_reload
     // Limits meant for applications do not cancel the worker's work.
     c.batch_execute("ALTER DATABASE postgres SET statement_timeout = '1ms'; ALTER DATABASE postgres SET lock_timeout = '1ms';")
         .unwrap();
-    let pid: i32 = c
-        .query_one(
+    // The launcher starts the publisher at the CREATE EXTENSION's commit.
+    let pid: i32 = wait_for("the publisher", Duration::from_secs(10), || {
+        c.query_opt(
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher'",
             &[],
         )
         .unwrap()
-        .get(0);
+        .map(|r| r.get(0))
+    });
     c.execute("SELECT pg_terminate_backend($1)", &[&pid])
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
