@@ -22,8 +22,9 @@ pub const MAX_DATABASES: usize = 32;
 pub struct Shared {
     /// pid of the launcher, 0 when none runs.
     pub launcher_pid: AtomicI32,
-    /// Bumped at the commit of every `CREATE EXTENSION outbox_pg` (and at a
-    /// failed `DROP DATABASE`): the launcher looks at every database again.
+    /// Bumped at the commit of a `CREATE EXTENSION outbox_pg` in a
+    /// database without an entry: the launcher looks at every database
+    /// again.
     pub installs: AtomicU64,
     /// One entry per served database.
     pub dbs: [Db; MAX_DATABASES],
@@ -37,8 +38,12 @@ pub struct Db {
     /// The launcher serves it; false: its workers leave, and a restarted
     /// consumer exits at once.
     pub served: AtomicBool,
-    /// A `DROP DATABASE` of it is under way: its workers leave, none starts.
-    pub dropping: AtomicBool,
+    /// pid of the backend running a `DROP DATABASE` of it (0: none): its
+    /// workers leave and none starts while that backend lives; a drop
+    /// that fails clears it, and so does the backend's death.
+    pub dropping: AtomicI32,
+    /// Bumped at the commit of a `CREATE EXTENSION outbox_pg` in it.
+    pub installs: AtomicU64,
     /// Its publisher found no extension there: 1 + the `installs` count it
     /// read before it looked (0: not absent). Not started again until that
     /// count moves (a `CREATE EXTENSION` committed) or a reload: a count
@@ -69,15 +74,23 @@ pub struct Db {
 }
 
 impl Db {
-    /// Whether the publisher found no extension since the last install.
-    pub fn is_absent(&self, installs: u64) -> bool {
-        self.absent.load(Ordering::Acquire) == installs.wrapping_add(1)
+    /// Whether the publisher found no extension since the last install
+    /// in this database.
+    pub fn is_absent(&self) -> bool {
+        self.absent.load(Ordering::Acquire) == self.installs.load(Ordering::Acquire).wrapping_add(1)
+    }
+
+    /// Whether a `DROP DATABASE` of it is under way (its backend lives).
+    pub fn is_dropping(&self) -> bool {
+        let pid = self.dropping.load(Ordering::Acquire);
+        // SAFETY: a look-up in the proc array.
+        pid != 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
     }
 
     /// Clears everything but the oid (the launcher, before taking it).
     pub fn reset(&self) {
         self.served.store(false, Ordering::Release);
-        self.dropping.store(false, Ordering::Release);
+        self.dropping.store(0, Ordering::Release);
         self.absent.store(0, Ordering::Release);
         self.publisher_pid.store(0, Ordering::Release);
         self.wake_pending.store(false, Ordering::Release);

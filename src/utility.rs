@@ -49,9 +49,11 @@ unsafe extern "C-unwind" fn hook(
 ) {
     let next = || unsafe {
         match PREVIOUS {
-            Some(previous) => {
+            // Another library's hook: its ERROR must come back through
+            // Rust's frames (ours catch it during a DROP DATABASE).
+            Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
                 previous(pstmt, query, read_only_tree, context, params, env, dest, qc)
-            }
+            }),
             None => pg_sys::standard_ProcessUtility(
                 pstmt,
                 query,
@@ -70,7 +72,8 @@ unsafe extern "C-unwind" fn hook(
         pg_sys::NodeTag::T_DropdbStmt => {
             let stmt = node.cast::<pg_sys::DropdbStmt>();
             let name = unsafe { (*stmt).dbname };
-            drop_database(name, next)
+            let top_level = context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL;
+            drop_database(name, top_level, next)
         }
         pg_sys::NodeTag::T_CreateExtensionStmt => {
             let stmt = node.cast::<pg_sys::CreateExtensionStmt>();
@@ -96,7 +99,11 @@ unsafe extern "C-unwind" fn hook(
 }
 
 /// Runs a `DROP DATABASE` (`next`) after the workers of that database left.
-fn drop_database(name: *const std::ffi::c_char, next: impl FnOnce()) {
+fn drop_database(name: *const std::ffi::c_char, top_level: bool, next: impl FnOnce()) {
+    // PostgreSQL's own check, first: a DROP DATABASE that cannot run
+    // (inside a transaction block or a function) touches no worker.
+    // SAFETY: raises an ERROR or returns.
+    unsafe { pg_sys::PreventInTransactionBlock(top_level, c"DROP DATABASE".as_ptr()) };
     // SAFETY: a catalog lookup by name (missing: PostgreSQL says so).
     let oid = unsafe { pg_sys::get_database_oid(name, true) };
     let entry = crate::shmem::db_of(oid)
@@ -105,11 +112,9 @@ fn drop_database(name: *const std::ffi::c_char, next: impl FnOnce()) {
     let Some(db) = entry else {
         return next();
     };
-    db.dropping.store(true, Ordering::Release);
-    let wake_launcher = || {
-        let shared = SHARED.get();
-        crate::wake::set_latch_of(shared.launcher_pid.load(Ordering::Acquire));
-    };
+    // While this backend lives (a drop that fails, or its death, ends it).
+    db.dropping
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
     let next = std::panic::AssertUnwindSafe(next);
     PgTryBuilder::new(move || {
         let until = Instant::now() + LEAVE_WITHIN;
@@ -137,14 +142,14 @@ fn drop_database(name: *const std::ffi::c_char, next: impl FnOnce()) {
     })
     .catch_others(|e| {
         // Not dropped: the database is served again.
-        db.dropping.store(false, Ordering::Release);
-        SHARED.get().installs.fetch_add(1, Ordering::AcqRel);
-        wake_launcher();
+        db.dropping.store(0, Ordering::Release);
+        let shared = SHARED.get();
+        crate::wake::set_latch_of(shared.launcher_pid.load(Ordering::Acquire));
         e.rethrow()
     })
     .execute();
-    // Dropped: the launcher frees the entry.
-    wake_launcher();
+    // Dropped: at commit the launcher frees the entry.
+    crate::wake::arm_launcher();
 }
 
 /// Whether the current user may drop database `oid` (its owner, or a
@@ -153,9 +158,9 @@ fn drop_database(name: *const std::ffi::c_char, next: impl FnOnce()) {
 fn owns(oid: pg_sys::Oid) -> bool {
     // SAFETY: catalog lookups in the backend's transaction.
     unsafe {
-        #[cfg(feature = "pg15")]
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
         return pg_sys::pg_database_ownercheck(oid, pg_sys::GetUserId());
-        #[cfg(not(feature = "pg15"))]
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
         return pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, oid, pg_sys::GetUserId());
     }
 }

@@ -21,6 +21,14 @@ thread_local! {
     static CALLBACK: Cell<bool> = const { Cell::new(false) };
     static SUBSCRIPTIONS_CHANGED: Cell<bool> = const { Cell::new(false) };
     static INSTALLED: Cell<bool> = const { Cell::new(false) };
+    static LAUNCHER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Wakes the launcher at commit (a database was dropped: it frees the
+/// entry once the catalog says so).
+pub fn arm_launcher() {
+    register_callback();
+    LAUNCHER.with(|c| c.set(true));
 }
 
 /// Marks the current transaction as installing the extension: at commit
@@ -146,10 +154,18 @@ unsafe extern "C-unwind" fn at_xact_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if INSTALLED.with(|c| c.replace(false))
+            let installed = INSTALLED.with(|c| c.replace(false));
+            if (installed | LAUNCHER.with(|c| c.replace(false)))
                 && let Some(shared) = shared()
             {
-                shared.installs.fetch_add(1, Ordering::AcqRel);
+                if installed {
+                    // This database's publisher looks again; a database
+                    // without an entry yet: every absent one does.
+                    match here() {
+                        Some(db) => db.installs.fetch_add(1, Ordering::AcqRel),
+                        None => shared.installs.fetch_add(1, Ordering::AcqRel),
+                    };
+                }
                 set_latch_of(shared.launcher_pid.load(Ordering::Acquire));
             }
             if SUBSCRIPTIONS_CHANGED.with(|c| c.replace(false))
@@ -173,6 +189,7 @@ unsafe extern "C-unwind" fn at_xact_end(
             // A rolled-back subscribe changed nothing.
             SUBSCRIPTIONS_CHANGED.with(|c| c.set(false));
             INSTALLED.with(|c| c.set(false));
+            LAUNCHER.with(|c| c.set(false));
         }
         _ => {}
     }

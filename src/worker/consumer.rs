@@ -139,6 +139,9 @@ pub extern "C-unwind" fn outbox_consumer_main(arg: pg_sys::Datum) {
     // dropped (or is no longer served) leaves for good before connecting.
     let oid = pg_sys::Oid::from(arg.value() as u32);
     let Some((index, _)) = super::entry_to_serve(oid) else {
+        // Its slot goes too: when the database is served again, its
+        // publisher starts a consumer at once.
+        forget_slot(oid.to_u32(), &name);
         super::exit(0);
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
@@ -149,6 +152,9 @@ pub extern "C-unwind" fn outbox_consumer_main(arg: pg_sys::Datum) {
         // Another worker serves this subscription already.
         super::exit(0);
     }
+    // However it ends (a FATAL too), the slot stops naming this process.
+    // SAFETY: registering a callback PostgreSQL runs at exit.
+    unsafe { pg_sys::before_shmem_exit(Some(leave_slot), pg_sys::Datum::from(0)) };
     if let Ok(app) = std::ffi::CString::new(name.clone()) {
         unsafe { pg_sys::pgstat_report_appname(app.as_ptr()) };
     }
@@ -196,6 +202,32 @@ fn claim_slot(name: &str) -> bool {
             true
         }
         None => false,
+    }
+}
+
+/// Frees the slot of subscription `name` of database `db` when no live
+/// worker holds it.
+fn forget_slot(db: u32, name: &str) {
+    let mut slots = SLOTS.exclusive();
+    if let Some(s) = slots.0.iter_mut().find(|s| {
+        s.used
+            && s.db == db
+            && s.name() == name
+            && (s.pid == 0 || unsafe { pg_sys::BackendPidGetProc(s.pid).is_null() })
+    }) {
+        *s = crate::shmem::Slot::EMPTY;
+    }
+}
+
+/// At exit: the slot that names this process is left reserved for the
+/// restart (the postmaster starts the worker again after a second).
+#[pg_guard]
+unsafe extern "C-unwind" fn leave_slot(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut slots = SLOTS.exclusive();
+    if let Some(s) = slots.0.iter_mut().find(|s| s.used && s.pid == me) {
+        s.pid = 0;
+        s.reserved_at = crate::shmem::now_ms();
     }
 }
 

@@ -7,8 +7,10 @@
 //! `*`) and it accepts connections; it is *served* while it has an entry in
 //! shared memory marked so. A publisher that finds no extension in its
 //! database marks the entry *absent* and leaves; the launcher starts it
-//! again only after a `CREATE EXTENSION outbox_pg` somewhere (the `installs`
-//! counter moved past the one the publisher saw) or a reload. The launcher restarts a publisher that stopped
+//! again only after a `CREATE EXTENSION outbox_pg` there (the entry's
+//! `installs` count moved past the one the publisher saw; one in a
+//! database without an entry moves the shared count, and every absent
+//! database is probed again), or a reload that changes the setting. The launcher restarts a publisher that stopped
 //! after `RESTART` (publishers are never restarted by the postmaster, so a
 //! database that is dropped or no longer wanted keeps no worker).
 
@@ -63,6 +65,8 @@ struct Launcher {
     /// When each database's publisher last stopped or could not start.
     stopped_at: HashMap<u32, Instant>,
     installs_seen: u64,
+    /// The `outbox.database` setting last applied.
+    setting: String,
     /// Problems logged, each once while it lasts.
     logged: HashSet<String>,
 }
@@ -82,16 +86,22 @@ pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
         // Every entry is looked at again: a publisher that found no
         // extension under the launcher's last incarnation may find it now.
         installs_seen: u64::MAX,
+        setting: guc::text(&guc::DATABASE),
         ..Default::default()
     };
     loop {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            // A reload looks at every database again, absent ones too.
-            launcher.installs_seen = u64::MAX;
+            // A reload that changes the setting looks at every database
+            // again, absent ones too (other reloads probe nothing).
+            let setting = guc::text(&guc::DATABASE);
+            if setting != launcher.setting {
+                launcher.setting = setting;
+                launcher.installs_seen = u64::MAX;
+            }
         }
         let wait = launcher.step();
-        if !BackgroundWorker::wait_latch(Some(wait)) {
+        if !super::wait(wait) {
             break;
         }
     }
@@ -129,7 +139,7 @@ impl Launcher {
                 continue;
             }
             let exists = catalog.iter().any(|d| d.oid == oid);
-            if db.dropping.load(Ordering::Acquire) && exists {
+            if db.is_dropping() && exists {
                 continue; // a DROP DATABASE is under way: its backend decides
             }
             if db.served.swap(false, Ordering::AcqRel) {
@@ -159,7 +169,7 @@ impl Launcher {
                 continue;
             };
             db.served.store(true, Ordering::Release);
-            if db.is_absent(installs) || db.dropping.load(Ordering::Acquire) {
+            if db.is_absent() || db.is_dropping() {
                 continue;
             }
             if let Some(s) = self.started.get(&oid) {
@@ -272,12 +282,21 @@ fn entry(oid: u32) -> Option<(usize, &'static crate::shmem::Db)> {
     if let Some(found) = crate::shmem::db_of(pg_sys::Oid::from(oid)) {
         return Some(found);
     }
-    let (i, db) = SHARED
-        .get()
-        .dbs
+    let dbs = &SHARED.get().dbs;
+    let free = dbs
         .iter()
         .enumerate()
-        .find(|(_, d)| d.oid.load(Ordering::Acquire) == 0)?;
+        .find(|(_, d)| d.oid.load(Ordering::Acquire) == 0);
+    // None free: one of a database without the extension (under `*`) is
+    // taken back, so those cannot crowd out one that has it.
+    let (i, db) = free.or_else(|| {
+        dbs.iter().enumerate().find(|(_, d)| {
+            let oid = d.oid.load(Ordering::Acquire);
+            d.is_absent()
+                && !alive(d.publisher_pid.load(Ordering::Acquire))
+                && !SLOTS.share().0.iter().any(|s| s.used && s.db == oid)
+        })
+    })?;
     db.reset();
     PUBLISHERS.exclusive().0[i] = Slot::EMPTY;
     db.oid.store(oid, Ordering::Release);
@@ -313,9 +332,15 @@ pub fn stop_workers(oid: u32, publisher: i32) -> bool {
         .map(|s| s.pid)
         .collect();
     pids.push(publisher);
-    for pid in pids.into_iter().filter(|p| alive(*p)) {
-        {
-            // SAFETY: signalling a live worker of ours.
+    for pid in pids {
+        // SAFETY: a look-up in the proc array; the pid is signalled only
+        // while it is a process connected to that database (a pid left in
+        // a slot may have been reused by another process since).
+        let ours = unsafe {
+            let proc_ = pg_sys::BackendPidGetProc(pid);
+            pid > 0 && !proc_.is_null() && (*proc_).databaseId.to_u32() == oid
+        };
+        if ours {
             unsafe { libc::kill(pid, libc::SIGTERM) };
             left = true;
         }

@@ -27,7 +27,7 @@ pub fn register() {
 /// and not being dropped): checked by a starting worker before it connects.
 pub fn entry_to_serve(oid: pg_sys::Oid) -> Option<(usize, &'static crate::shmem::Db)> {
     use std::sync::atomic::Ordering::Acquire;
-    crate::shmem::db_of(oid).filter(|(_, d)| d.served.load(Acquire) && !d.dropping.load(Acquire))
+    crate::shmem::db_of(oid).filter(|(_, d)| d.served.load(Acquire) && !d.is_dropping())
 }
 
 /// Whether the worker's database is still served (the launcher or a
@@ -35,9 +35,29 @@ pub fn entry_to_serve(oid: pg_sys::Oid) -> Option<(usize, &'static crate::shmem:
 pub fn still_served() -> bool {
     use std::sync::atomic::Ordering::Acquire;
     let db = crate::shmem::mine();
-    db.oid.load(Acquire) == crate::shmem::my_db()
-        && db.served.load(Acquire)
-        && !db.dropping.load(Acquire)
+    db.oid.load(Acquire) == crate::shmem::my_db() && db.served.load(Acquire) && !db.is_dropping()
+}
+
+/// Whether the worker was asked to stop (SIGTERM). pgrx's flag is cleared
+/// by reading it, so it is kept here once seen: a check deep in the work
+/// (retention) must not hide it from the main loop.
+pub fn stopping() -> bool {
+    if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sleeps on the latch for at most `d`; false when the worker must stop
+/// (wait_latch reads and clears pgrx's SIGTERM flag itself, and also says
+/// no when the postmaster died).
+pub fn wait(d: std::time::Duration) -> bool {
+    if !pgrx::bgworkers::BackgroundWorker::wait_latch(Some(d)) {
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    !stopping()
 }
 
 /// The current database's name (a catalog look-up: inside a transaction).

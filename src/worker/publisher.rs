@@ -54,7 +54,7 @@ pub extern "C-unwind" fn outbox_publisher_main(arg: pg_sys::Datum) {
     publisher_settings();
     let database = BackgroundWorker::transaction(super::database_name);
     // Read before the look: an install committed during it moves the count.
-    let installs = crate::shmem::SHARED.get().installs.load(Ordering::Acquire);
+    let installs = shared.installs.load(Ordering::Acquire);
     if !extension_ready() {
         // Started again after a CREATE EXTENSION (or a reload).
         log!(
@@ -68,11 +68,20 @@ pub extern "C-unwind" fn outbox_publisher_main(arg: pg_sys::Datum) {
     // One publisher per database: one started by an earlier launcher
     // (terminated meanwhile) may still run.
     let me = unsafe { pg_sys::MyProcPid };
-    let holder = shared.publisher_pid.swap(me, Ordering::AcqRel);
-    if holder != 0 && holder != me && unsafe { !pg_sys::BackendPidGetProc(holder).is_null() } {
-        shared.publisher_pid.store(holder, Ordering::Release);
-        log!("outbox publisher: database \"{database}\" has one already (pid {holder})");
-        super::exit(0);
+    loop {
+        let holder = shared.publisher_pid.load(Ordering::Acquire);
+        if holder != 0 && unsafe { !pg_sys::BackendPidGetProc(holder).is_null() } {
+            log!("outbox publisher: database \"{database}\" has one already (pid {holder})");
+            super::exit(0);
+        }
+        // Taken over from a dead holder (or none).
+        if shared
+            .publisher_pid
+            .compare_exchange(holder, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            break;
+        }
     }
     log!("outbox publisher started for database \"{database}\"");
 
@@ -81,7 +90,7 @@ pub extern "C-unwind" fn outbox_publisher_main(arg: pg_sys::Datum) {
     let mut p = Publisher::new();
     let mut stop = !back_off_after_errors(shared);
     while !stop {
-        if BackgroundWorker::sigterm_received() || !super::still_served() {
+        if super::stopping() || !super::still_served() {
             break;
         }
         if BackgroundWorker::sighup_received() {
@@ -110,15 +119,14 @@ pub extern "C-unwind" fn outbox_publisher_main(arg: pg_sys::Datum) {
         }
         // A commit's wake-up consumed by a wait on the broker counts too.
         let woken = crate::latch::take_woken();
-        stop = !wait.is_zero()
-            && !woken
-            && !p.supervisor.pending()
-            && !BackgroundWorker::wait_latch(Some(wait));
+        stop = !wait.is_zero() && !woken && !p.supervisor.pending() && !super::wait(wait);
     }
     p.disconnect();
     shared.publisher_busy.store(false, Ordering::Release);
     report.stopped();
-    shared.publisher_pid.store(0, Ordering::Release);
+    let _ = shared
+        .publisher_pid
+        .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
     log!("outbox publisher stopped");
     // The launcher starts it again when its database is still served.
     super::exit(0);
@@ -176,14 +184,14 @@ fn back_off_after_errors(shared: &crate::shmem::Db) -> bool {
     );
     let until = Instant::now() + wait;
     while let Some(left) = until.checked_duration_since(Instant::now()) {
-        if left.is_zero() || BackgroundWorker::sigterm_received() {
+        if left.is_zero() || super::stopping() || !super::still_served() {
             break;
         }
-        if !BackgroundWorker::wait_latch(Some(left)) {
+        if !super::wait(left) {
             return false;
         }
     }
-    !BackgroundWorker::sigterm_received()
+    !super::stopping()
 }
 
 /// One claimed row.
@@ -588,7 +596,7 @@ fn retention() {
                 .unwrap_or(0)
         });
         total += n;
-        if n == 0 || BackgroundWorker::sigterm_received() {
+        if n == 0 || super::stopping() {
             break;
         }
     }

@@ -88,6 +88,8 @@ impl Supervisor {
                 && self.logged.as_deref() != Some(problem.as_str())
             {
                 warning!("outbox supervisor: {problem}");
+                // Shown in outbox.status too (the consumer may have no slot).
+                crate::status::Reporter::Publisher.error(&problem);
                 self.logged = Some(problem);
             }
         }
@@ -104,7 +106,9 @@ impl Supervisor {
                 .iter()
                 .find(|s| s.used && s.db == db && s.name() == name)
             {
-                let stale = s.pid == 0 && now - s.reserved_at > STALE_RESERVATION_MS;
+                // A worker that died without a restart left its pid.
+                let dead = s.pid != 0 && unsafe { pg_sys::BackendPidGetProc(s.pid).is_null() };
+                let stale = dead || (s.pid == 0 && now - s.reserved_at > STALE_RESERVATION_MS);
                 if !stale {
                     return Ok(());
                 }

@@ -419,7 +419,7 @@ fn running_out_of_worker_slots_is_logged_and_shown() {
         || {
             let n: i64 = c
             .query_one(
-                "SELECT count(*) FROM outbox.status WHERE last_error LIKE '%raise max_worker_processes%'",
+                "SELECT count(*) FROM outbox.status WHERE worker = 'consumer' AND last_error LIKE '%raise max_worker_processes%'",
                 &[],
             )
             .unwrap()
@@ -428,6 +428,18 @@ fn running_out_of_worker_slots_is_logged_and_shown() {
         },
     );
     assert_eq!(shown, 2);
+    // The publisher that could not start them says so too.
+    let publisher: Option<String> = c
+        .query_one(
+            "SELECT last_error FROM outbox.status WHERE worker = 'publisher'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        publisher.is_some_and(|e| e.contains("raise max_worker_processes")),
+        "the publisher's last_error"
+    );
     wait_workers(
         &mut c,
         "outbox consumer",
@@ -464,4 +476,66 @@ mod serde_like {
             from: field("from"),
         }
     }
+}
+
+#[test]
+fn a_drop_database_that_fails_leaves_the_database_served() {
+    let _b = broker::shared_broker();
+    let cl = cluster("postgres, zeta", &[]);
+    create_served(&cl, "zeta");
+    let d = format!("/topic/{}", unique("nodrop"));
+    subscribe(&cl, "zeta", "in-zeta", &d);
+    let mut admin = cl.client();
+    wait_workers(
+        &mut admin,
+        "outbox publisher",
+        "zeta",
+        1,
+        Duration::from_secs(10),
+    );
+    let publisher = |c: &mut Client| -> i32 {
+        c.query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher' AND datname = 'zeta'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let before = publisher(&mut admin);
+
+    // Refused before anything happens: the workers are untouched.
+    let e = admin
+        .batch_execute("BEGIN; DROP DATABASE zeta")
+        .unwrap_err();
+    assert_eq!(outbox_pg_e2e::cluster::sqlstate(&e), "25001", "{e:?}");
+    admin.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(publisher(&mut admin), before);
+
+    // Refused by PostgreSQL after the workers left (a session is still
+    // there): they come back, and messages flow both ways.
+    let _holder = cl.connect("zeta", "postgres");
+    let e = admin.batch_execute("DROP DATABASE zeta").unwrap_err();
+    assert_eq!(outbox_pg_e2e::cluster::sqlstate(&e), "55006", "{e:?}");
+    wait_workers(
+        &mut admin,
+        "outbox publisher",
+        "zeta",
+        1,
+        Duration::from_secs(15),
+    );
+    wait_workers(
+        &mut admin,
+        "outbox consumer",
+        "zeta",
+        1,
+        Duration::from_secs(15),
+    );
+    let mut c = cl.connect("zeta", "postgres");
+    for seq in 0..20 {
+        publish(&mut c, &d, &format!(r#"{{"seq": {seq}}}"#));
+    }
+    wait_for("20 effects in zeta", Duration::from_secs(20), || {
+        (effects(&mut c).len() == 20).then_some(())
+    });
+    assert_eq!(effects(&mut c), (0..20).collect::<Vec<_>>());
 }
