@@ -84,7 +84,15 @@ impl Db {
     pub fn is_dropping(&self) -> bool {
         let pid = self.dropping.load(Ordering::Acquire);
         // SAFETY: a look-up in the proc array.
-        pid != 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+        let alive = pid != 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() };
+        if pid != 0 && !alive {
+            // Its backend died mid-drop: cleared, so a later process with
+            // the same pid does not hold the database back.
+            let _ = self
+                .dropping
+                .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        alive
     }
 
     /// Clears everything but the oid (the launcher, before taking it).

@@ -79,7 +79,10 @@ unsafe extern "C-unwind" fn hook(
             let stmt = node.cast::<pg_sys::CreateExtensionStmt>();
             let ours = unsafe { std::ffi::CStr::from_ptr((*stmt).extname) } == c"outbox_pg";
             next();
-            if ours {
+            // Another extension may have brought ours in (CASCADE): that
+            // database's publisher looks again (only where it has an
+            // entry, so no other database is probed for it).
+            if ours || crate::shmem::here().is_some() {
                 crate::wake::arm_installed();
             }
         }
@@ -115,6 +118,11 @@ fn drop_database(name: *const std::ffi::c_char, top_level: bool, next: impl FnOn
     // While this backend lives (a drop that fails, or its death, ends it).
     db.dropping
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    if db.oid.load(Ordering::Acquire) != oid.to_u32() {
+        // The launcher gave the entry to another database meanwhile.
+        db.dropping.store(0, Ordering::Release);
+        return next();
+    }
     let next = std::panic::AssertUnwindSafe(next);
     PgTryBuilder::new(move || {
         let until = Instant::now() + LEAVE_WITHIN;

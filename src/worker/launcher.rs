@@ -65,6 +65,10 @@ struct Launcher {
     /// When each database's publisher last stopped or could not start.
     stopped_at: HashMap<u32, Instant>,
     installs_seen: u64,
+    /// Databases found without the extension whose entry was taken back
+    /// for another (more than MAX_DATABASES): not probed again until an
+    /// install or a change of the setting.
+    absent: HashSet<u32>,
     /// The `outbox.database` setting last applied.
     setting: String,
     /// Problems logged, each once while it lasts.
@@ -126,6 +130,7 @@ impl Launcher {
                 db.absent.store(0, Ordering::Release);
             }
             self.stopped_at.clear();
+            self.absent.clear();
         }
         let catalog = databases();
         let wanted = self.wanted(&catalog);
@@ -162,12 +167,20 @@ impl Launcher {
         }
 
         for &oid in &wanted {
-            let Some((i, db)) = entry(oid) else {
+            if self.absent.contains(&oid) {
+                continue;
+            }
+            let Some((i, db, taken)) = entry(oid) else {
                 self.once(format!(
                     "outbox launcher: more than {MAX_DATABASES} databases to serve; database {oid} is not served"
                 ));
                 continue;
             };
+            if let Some(taken) = taken {
+                self.absent.insert(taken);
+                self.started.remove(&taken);
+                self.stopped_at.remove(&taken);
+            }
             db.served.store(true, Ordering::Release);
             if db.is_absent() || db.is_dropping() {
                 continue;
@@ -277,10 +290,11 @@ impl Launcher {
     }
 }
 
-/// The entry of `oid`, taken if it has none (None: every entry is taken).
-fn entry(oid: u32) -> Option<(usize, &'static crate::shmem::Db)> {
-    if let Some(found) = crate::shmem::db_of(pg_sys::Oid::from(oid)) {
-        return Some(found);
+/// The entry of `oid`, taken if it has none (None: every entry is taken),
+/// and the database whose absent entry was taken back for it.
+fn entry(oid: u32) -> Option<(usize, &'static crate::shmem::Db, Option<u32>)> {
+    if let Some((i, db)) = crate::shmem::db_of(pg_sys::Oid::from(oid)) {
+        return Some((i, db, None));
     }
     let dbs = &SHARED.get().dbs;
     let free = dbs
@@ -293,14 +307,16 @@ fn entry(oid: u32) -> Option<(usize, &'static crate::shmem::Db)> {
         dbs.iter().enumerate().find(|(_, d)| {
             let oid = d.oid.load(Ordering::Acquire);
             d.is_absent()
+                && d.dropping.load(Ordering::Acquire) == 0
                 && !alive(d.publisher_pid.load(Ordering::Acquire))
                 && !SLOTS.share().0.iter().any(|s| s.used && s.db == oid)
         })
     })?;
+    let taken = Some(db.oid.load(Ordering::Acquire)).filter(|o| *o != 0);
     db.reset();
     PUBLISHERS.exclusive().0[i] = Slot::EMPTY;
     db.oid.store(oid, Ordering::Release);
-    Some((i, db))
+    Some((i, db, taken))
 }
 
 fn start_publisher(oid: u32) -> Result<DynamicBackgroundWorker, ()> {

@@ -539,3 +539,41 @@ fn a_drop_database_that_fails_leaves_the_database_served() {
     });
     assert_eq!(effects(&mut c), (0..20).collect::<Vec<_>>());
 }
+
+#[test]
+fn more_databases_than_entries_without_the_extension_crowd_out_nothing() {
+    let _b = broker::shared_broker();
+    let cl = cluster("*", &[]);
+    let mut admin = cl.client();
+    // More databases than shared memory has entries (32), none with it.
+    for i in 0..36 {
+        admin
+            .batch_execute(&format!("CREATE DATABASE crowd_{i}"))
+            .unwrap();
+    }
+    let probes = |cl: &Cluster| cl.log().matches("the extension is not installed").count();
+    std::thread::sleep(Duration::from_secs(6));
+    let settled = probes(&cl);
+    std::thread::sleep(Duration::from_secs(5));
+    // Each probed about once, not in a cycle.
+    assert!(
+        probes(&cl) - settled <= 2,
+        "probes go on: {settled} then {}",
+        probes(&cl)
+    );
+    install(&cl, "crowd_35");
+    wait_workers(
+        &mut admin,
+        "outbox publisher",
+        "crowd_35",
+        1,
+        Duration::from_secs(12),
+    );
+    wait_workers(
+        &mut admin,
+        "outbox publisher",
+        "postgres",
+        1,
+        Duration::from_secs(5),
+    );
+}
