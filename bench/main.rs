@@ -104,8 +104,9 @@ fn main() {
     broker::wait_until_up();
     let mut rows = Vec::new();
     type Figure = fn(&Sizes, &mut Vec<Row>);
-    let figures: [(&str, Figure); 8] = [
+    let figures: [(&str, Figure); 9] = [
         ("write", write_path),
+        ("capture", capture_write_path),
         ("durable", durable_drain),
         ("activemq", activemq_drain),
         ("burst", latency_after_burst),
@@ -377,6 +378,100 @@ fn write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
             ratio: format!("{r1:.2}× no trigger (floor {r0:.2}×); {r2:.2}× PL/pgSQL"),
             target: "≤ 1.3× no trigger; < 1× PL/pgSQL".into(),
             ok: Some(r1 <= 1.3 && r2 < 1.0),
+        });
+    }
+}
+
+/// The write path with `outbox.capture = 'wal'` beside a bare INSERT and
+/// the table mode, in one transaction, in autocommit and as one bulk
+/// `INSERT ... SELECT` (the broker is away and captured messages stay in
+/// the slot meanwhile: only the writing is timed).
+fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let cl = Cluster::start(&[
+        "wal_level = logical",
+        &format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port()),
+        "outbox.wal_spill_after = '1h'",
+    ]);
+    let mut c = cl.client();
+    wait_for("the outbox slot", Duration::from_secs(30), || {
+        c.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'outbox_pg_%'",
+            &[],
+        )
+        .unwrap()
+    });
+    let n = sizes.writes;
+    // (trigger, capture): none; the table; the WAL.
+    let variants = [("", "table"), ("table", "table"), ("wal", "wal")];
+    let setup = |c: &mut Client, v: (&str, &str)| {
+        c.batch_execute(&format!(
+            "DROP TABLE IF EXISTS w; CREATE TABLE w (id int PRIMARY KEY, name text, amount numeric);
+             TRUNCATE outbox.published; SET outbox.capture = '{}'",
+            v.1
+        ))
+        .unwrap();
+        if !v.0.is_empty() {
+            c.batch_execute(
+                "CREATE TRIGGER w_out AFTER INSERT ON w FOR EACH ROW EXECUTE FUNCTION outbox.publish('/topic/x')",
+            )
+            .unwrap();
+        }
+        c.batch_execute("CHECKPOINT").unwrap();
+    };
+    let one_tx = |c: &mut Client, v: (&str, &str)| -> Duration {
+        setup(c, v);
+        let t = Instant::now();
+        c.batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 1..{n} LOOP INSERT INTO w VALUES (i, 'name ' || i, i * 1.5); END LOOP; END $$"
+        ))
+        .unwrap();
+        t.elapsed()
+    };
+    let autocommit = |c: &mut Client, v: (&str, &str)| -> Duration {
+        setup(c, v);
+        let stmt = c
+            .prepare("INSERT INTO w VALUES ($1::int, 'name ' || $1::int, $1::int * 1.5)")
+            .unwrap();
+        let t = Instant::now();
+        for i in 1..=n {
+            c.execute(&stmt, &[&i]).unwrap();
+        }
+        t.elapsed()
+    };
+    let bulk = |c: &mut Client, v: (&str, &str)| -> Duration {
+        setup(c, v);
+        let t = Instant::now();
+        c.batch_execute(&format!(
+            "INSERT INTO w SELECT g, 'name ' || g, g * 1.5 FROM generate_series(1, {n}) g"
+        ))
+        .unwrap();
+        t.elapsed()
+    };
+    type Run<'a> = &'a dyn Fn(&mut Client, (&str, &str)) -> Duration;
+    let runs: [(&str, Run, f64); 3] = [
+        ("in one transaction", &one_tx, 1.5),
+        ("in autocommit", &autocommit, 1.1),
+        ("as one INSERT ... SELECT", &bulk, 2.0),
+    ];
+    for (how, run, target) in runs {
+        let rounds = Rounds(
+            (0..3)
+                .map(|_| variants.map(|v| run(&mut c, v)))
+                .collect::<Vec<_>>(),
+        );
+        let [plain, table, wal] = [0, 1, 2].map(|i| rounds.time(i));
+        let r = rounds.ratio(2, 0);
+        rows.push(Row {
+            figure: format!("write path, capture = 'wal', {n} rows {how}"),
+            value: secs(wal),
+            baseline: format!(
+                "no trigger {}; capture = 'table' {}",
+                secs(plain),
+                secs(table)
+            ),
+            ratio: format!("{r:.2}× no trigger (table {:.2}×)", rounds.ratio(1, 0)),
+            target: format!("≤ {target}× no trigger"),
+            ok: Some(r <= target),
         });
     }
 }

@@ -163,6 +163,7 @@ pub unsafe extern "C-unwind" fn outbox_workers(_fcinfo: pg_sys::FunctionCallInfo
             "started_at": ts(s.started_at),
             "last_error": if s.error_len > 0 { serde_json::Value::from(s.error()) } else { serde_json::Value::Null },
             "last_error_at": ts(s.error_at),
+            "oldest_waiting_commit": ts(s.waiting_at),
         })
     };
     // This database's workers only.

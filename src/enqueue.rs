@@ -99,6 +99,26 @@ pub fn write(m: &Message) -> uuid::Uuid {
             trigger: m.trigger,
         },
     );
+    let delayed = m.delay.is_some_and(|d| !interval_is_zero(d));
+    if crate::capture::wanted(delayed) {
+        if let Err(e) = crate::capture::check() {
+            e.raise();
+        }
+        let map: serde_json::Map<String, serde_json::Value> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_ref())))
+            .collect();
+        crate::capture::emit(&crate::capture::Captured {
+            message_id: *id.as_bytes(),
+            destination: m.destination.to_string(),
+            headers: serde_json::Value::Object(map).to_string(),
+            // SAFETY: a jsonb datum.
+            body: unsafe { crate::fmgr::jsonb_text(m.body) },
+            version: m.version.map(str::to_string),
+        });
+        crate::wake::arm();
+        return id;
+    }
     unsafe {
         let uuid = pg_sys::palloc(16) as *mut u8;
         std::ptr::copy_nonoverlapping(id.as_bytes().as_ptr(), uuid, 16);
@@ -151,6 +171,13 @@ pub fn write(m: &Message) -> uuid::Uuid {
     }
     crate::wake::arm();
     id
+}
+
+/// Whether an interval datum is zero (no delay).
+fn interval_is_zero(d: pg_sys::Datum) -> bool {
+    // SAFETY: an interval datum, by reference.
+    let iv = unsafe { &*(d.cast_mut_ptr::<pg_sys::Interval>()) };
+    iv.month == 0 && iv.day == 0 && iv.time == 0
 }
 
 /// Runs `f` as the owner of `outbox.published`: publishers need EXECUTE on

@@ -35,6 +35,10 @@ pub enum OutboxError {
     Broker(String),
     #[error("the broker refused the message: {0}")]
     Refused(String),
+    #[error("outbox.capture = 'wal' requires wal_level = logical")]
+    WalLevel,
+    #[error("outbox.capture = 'wal': the outbox slot of this database does not exist yet")]
+    NoSlot,
 }
 
 /// What is wrong with an outbox trigger's definition or use.
@@ -80,6 +84,7 @@ impl OutboxError {
             OutboxError::TooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             OutboxError::Broker(_) => ERRCODE_CONNECTION_FAILURE,
             OutboxError::Refused(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            OutboxError::WalLevel | OutboxError::NoSlot => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             OutboxError::Trigger { problem, .. } => match problem {
                 TriggerProblem::Input(inner) => inner.sqlstate(),
                 TriggerProblem::HeadersJson(_) => ERRCODE_INVALID_TEXT_REPRESENTATION,
@@ -119,6 +124,12 @@ impl OutboxError {
                 "Check that the broker is running and that outbox.stomp_* point at it."
             }
             OutboxError::Refused(_) => "Check that the broker can route the destination.",
+            OutboxError::WalLevel => {
+                "Set wal_level = logical and restart PostgreSQL, or use outbox.capture = 'table'."
+            }
+            OutboxError::NoSlot => {
+                "The publisher creates it when it starts with wal_level = logical and outbox_pg in shared_preload_libraries; this database must be in outbox.database. Use outbox.capture = 'table' meanwhile."
+            }
         };
         Some(hint.to_string())
     }

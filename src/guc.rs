@@ -47,6 +47,20 @@ pub static MAX_CONSUMERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static CALLBACK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 
+/// Where `outbox.publish()` and the trigger put a message.
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Capture {
+    /// A row of `outbox.published`.
+    #[name = c"table"]
+    Table,
+    /// A transactional logical-decoding message (see capture.rs).
+    #[name = c"wal"]
+    Wal,
+}
+
+pub static CAPTURE: GucSetting<Capture> = GucSetting::<Capture>::new(Capture::Table);
+pub static WAL_SPILL_AFTER_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
 /// What `outbox.database` asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Databases {
@@ -138,6 +152,24 @@ pub fn init() {
             none,
         );
     }
+    GucRegistry::define_enum_guc(
+        c"outbox.capture",
+        c"Where outbox.publish() and the trigger put a message: table (a row of outbox.published) or wal (a logical-decoding message).",
+        c"",
+        &CAPTURE,
+        GucContext::Userset,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.wal_spill_after",
+        c"How long captured messages wait for an unreachable broker before they move into outbox.published.",
+        c"",
+        &WAL_SPILL_AFTER_MS,
+        0,
+        i32::MAX,
+        sighup(),
+        ms,
+    );
     string(
         c"outbox.stomp_hosts",
         c"Comma-separated broker host:port list, tried in turn (failover).",

@@ -3,6 +3,7 @@
 
 mod api;
 mod broker;
+mod capture;
 mod direct;
 mod enqueue;
 mod error;

@@ -179,6 +179,8 @@ pub struct Slot {
     pub messages: u64,
     pub started_at: i64,
     pub error_at: i64,
+    /// Publisher: commit time of the oldest captured message waiting (ms).
+    pub waiting_at: i64,
     pub error_len: u16,
     pub error: [u8; 512],
 }
@@ -227,6 +229,7 @@ impl Slot {
         messages: 0,
         started_at: 0,
         error_at: 0,
+        waiting_at: 0,
         error_len: 0,
         error: [0; 512],
     };

@@ -70,6 +70,12 @@ impl Reporter {
         self.with(|s| s.set_error(error, now_ms()));
     }
 
+    /// The commit time of the oldest captured message not yet confirmed
+    /// (ms since the epoch; 0: none).
+    pub fn waiting(&self, at_ms: i64) {
+        self.with(|s| s.waiting_at = at_ms);
+    }
+
     pub fn count(&self, n: u64) {
         if n > 0 {
             self.with(|s| s.messages += n);

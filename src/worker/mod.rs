@@ -15,6 +15,7 @@ pub mod publisher;
 mod subscription;
 pub mod supervisor;
 mod tx;
+mod wal;
 
 use pgrx::pg_sys;
 

@@ -241,6 +241,13 @@ struct Publisher {
     idle: bool,
     /// The extension was dropped (the supervisor found no table).
     gone: bool,
+    /// Capture in the WAL (see wal.rs), and when its slot was last read:
+    /// after which commit count, at what time, and whether that read found
+    /// messages (then the next comes at once).
+    wal: super::wal::Wal,
+    wal_commits: Option<u64>,
+    wal_peeked: Option<Instant>,
+    wal_busy: bool,
     supervisor: super::supervisor::Supervisor,
     /// When the supervisor last checked every subscription.
     supervised_at: Option<Instant>,
@@ -265,6 +272,10 @@ impl Publisher {
             next_due: None,
             idle: false,
             gone: false,
+            wal: super::wal::Wal::new(),
+            wal_commits: None,
+            wal_peeked: None,
+            wal_busy: false,
             supervisor: Default::default(),
             supervised_at: None,
         }
@@ -306,7 +317,8 @@ impl Publisher {
             self.gone = true;
             return Duration::ZERO;
         }
-        if self.idle && !self.should_look(poll) {
+        let wal_behind = self.wal_peeked.is_none_or(|t| t.elapsed() >= poll) && self.wal.behind();
+        if self.idle && !self.should_look(poll) && !wal_behind {
             return self.idle_wait(poll);
         }
         if self.window.is_empty() {
@@ -316,7 +328,7 @@ impl Publisher {
         if self.link.conn.is_none() {
             let wait = self.link.backing_off();
             if !wait.is_zero() {
-                return wait;
+                return self.while_away(wait);
             }
             match self.link.connect(
                 |_| Ok(()),
@@ -328,10 +340,39 @@ impl Publisher {
                     wake::broker_returned();
                 }
                 Some((host, false)) => debug1!("outbox publisher: connected to broker at {host}"),
-                None => return self.link.backing_off(),
+                None => {
+                    let wait = self.link.backing_off();
+                    return self.while_away(wait);
+                }
             }
         }
+        if self.window.is_empty() && self.wal_due(poll) {
+            let receipt_timeout = self.link.config.connect_timeout.max(Duration::from_secs(5));
+            let conn = self.link.conn.as_mut().expect("connected");
+            let delivered = self
+                .wal
+                .deliver(conn, &mut self.transactions, receipt_timeout);
+            crate::status::Reporter::Publisher.waiting(self.wal.oldest_waiting);
+            match delivered {
+                Ok(0) => {}
+                Ok(_) => {
+                    // More may wait (looked at again at once); spilled rows
+                    // are in the table now. The table's turn comes first.
+                    self.wal_busy = true;
+                    self.idle = false;
+                    self.rescan = true;
+                }
+                Err(e) => {
+                    self.cursor = 0;
+                    self.rescan = true;
+                    self.link.broke(e);
+                    return self.link.backing_off();
+                }
+            }
+        }
+        let wal_busy = self.wal_busy;
         match self.batch() {
+            Some(0) if wal_busy => Duration::ZERO,
             Some(0) => {
                 if !self.idle {
                     // A backlog has drained: what malloc kept for it goes
@@ -348,6 +389,38 @@ impl Publisher {
             // The connection was lost: reconnect after the backoff.
             None => self.link.backing_off(),
         }
+    }
+
+    /// Whether to peek at the slot now: commits came since the last peek,
+    /// the last one found messages, or a poll interval passed.
+    fn wal_due(&mut self, poll: Duration) -> bool {
+        if !self.wal.prepare() {
+            return false;
+        }
+        let commits = crate::shmem::mine().commits.load(Ordering::Acquire);
+        let due = self.wal_busy
+            || self.wal_commits != Some(commits)
+            || self.wal_peeked.is_none_or(|t| t.elapsed() >= poll);
+        if due {
+            self.wal_commits = Some(commits);
+            self.wal_peeked = Some(Instant::now());
+            self.wal_busy = false;
+        }
+        due
+    }
+
+    /// With the broker away: captured messages that waited long enough
+    /// move into the table; returns how long to sleep.
+    fn while_away(&mut self, wait: Duration) -> Duration {
+        if !self.wal.prepare() {
+            return wait;
+        }
+        if self.wal.spill_if_due() {
+            self.idle = false;
+            self.rescan = true;
+        }
+        crate::status::Reporter::Publisher.waiting(self.wal.oldest_waiting);
+        self.wal.spill_due_in().map_or(wait, |d| wait.min(d))
     }
 
     /// Whether an idle worker should look at the table now.
@@ -372,6 +445,10 @@ impl Publisher {
             self.link.lost(why);
         }
         let mut wait = SAFETY_POLL.max(poll);
+        if self.wal.behind() {
+            // The slot follows the WAL once per poll interval.
+            wait = wait.min(poll);
+        }
         if let Some(d) = self.next_due {
             wait = wait.min(
                 d.saturating_duration_since(Instant::now())

@@ -3,6 +3,7 @@
 
 mod activemq;
 mod api;
+mod capture;
 mod databases;
 mod delivery;
 mod failover;

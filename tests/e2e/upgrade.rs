@@ -16,7 +16,7 @@ use outbox_pg_e2e::{Cluster, broker, unique, wait_drained, wait_for};
 use postgres::Client;
 
 /// The releases an UPDATE starts from.
-const EARLIER: &[&str] = &["0.1.0"];
+const EARLIER: &[&str] = &["0.1.0", "0.2.0"];
 
 /// Puts the install script of `version` beside the installed extension.
 fn install_release(version: &str) {

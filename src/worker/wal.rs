@@ -1,0 +1,497 @@
+//! The publisher's half of capture in the WAL (see capture.rs): it owns the
+//! database's slot, *peeks* at it (reading does not move it), sends what it
+//! finds in commit order with receipts, and *advances* the slot only past
+//! transactions whose every message is confirmed by the broker or *spilled*
+//! into `outbox.published` (a refused message, one whose fate is unknown,
+//! or one that waited longer than `outbox.wal_spill_after` for a broker
+//! that is away). Reading a slot is not transactional and its position is
+//! saved at checkpoints: after a crash, confirmed messages may come again
+//! (at least once), never fewer.
+//!
+//! Vocabulary: the *target* is the WAL flushed before a peek: every
+//! transaction committed before it is in the peek's answer unless the
+//! answer was *cut* at the row limit (then only up to its last commit row).
+
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::Spi;
+
+use super::flight::{self, Flight, Style};
+use crate::capture::{self, Captured};
+use crate::stomp::client::{Connection, StompError};
+
+/// Rows one peek asks for (complete transactions: PostgreSQL stops after
+/// the transaction that reaches it).
+const PEEK_ROWS: i64 = 2000;
+/// How often a database without its slot looks whether it can make it.
+const SLOT_RETRY: Duration = Duration::from_secs(60);
+
+/// One transaction's captured messages.
+struct Transaction {
+    messages: Vec<Captured>,
+    /// The end of its commit record: where the slot may advance to.
+    end: u64,
+    /// Its commit time (PostgreSQL microseconds since 2000).
+    committed: i64,
+}
+
+/// What a peek found.
+struct Peeked {
+    transactions: Vec<Transaction>,
+    /// Every transaction before the target was read (no cut).
+    complete: bool,
+    target: u64,
+}
+
+#[derive(Default)]
+pub struct Wal {
+    slot: String,
+    /// The slot exists.
+    ready: bool,
+    /// When the slot was last looked for (none yet: now).
+    looked_for: Option<Instant>,
+    /// The target of the last complete peek: WAL up to it holds nothing
+    /// left to send.
+    seen_to: std::cell::Cell<u64>,
+    /// Since when captured messages wait for a broker that is away.
+    waiting_since: Option<Instant>,
+    /// The commit time of the oldest message not yet confirmed, for the
+    /// status (ms since the epoch; 0: none).
+    pub oldest_waiting: i64,
+}
+
+/// PostgreSQL's epoch (2000-01-01) in Unix milliseconds.
+const PG_EPOCH_MS: i64 = 946_684_800_000;
+
+impl Wal {
+    pub fn new() -> Wal {
+        allow_plugin();
+        Wal {
+            slot: capture::slot_name(unsafe { pg_sys::MyDatabaseId }),
+            ..Default::default()
+        }
+    }
+
+    /// Makes sure the slot exists when `wal_level = logical` (at start, and
+    /// now and then until it does). True when it does.
+    pub fn prepare(&mut self) -> bool {
+        if self.ready {
+            return true;
+        }
+        if self.looked_for.is_some_and(|t| t.elapsed() < SLOT_RETRY) {
+            return false;
+        }
+        self.looked_for = Some(Instant::now());
+        // SAFETY: reading a GUC variable.
+        if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
+            return false;
+        }
+        let slot = self.slot.clone();
+        let found = BackgroundWorker::transaction(|| {
+            read_one::<String>(
+                "SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[DatumWithOid::from(slot.as_str())],
+            )
+            .ok()
+            .flatten()
+        });
+        match found {
+            Some(plugin) if plugin == capture::PLUGIN => {}
+            Some(plugin) => {
+                warning!(
+                    "outbox publisher: slot \"{}\" uses plugin \"{plugin}\", not {}; captured messages are not read",
+                    self.slot,
+                    capture::PLUGIN
+                );
+                return false;
+            }
+            None => {
+                // Waits for the transactions running now to end (how a
+                // logical slot finds its starting point).
+                super::busy("creating the outbox slot");
+                let slot = self.slot.clone();
+                allow_plugin();
+                BackgroundWorker::transaction(|| {
+                    // 17 and later: a failover slot, synchronized to standbys
+                    // that set sync_replication_slots.
+                    #[cfg(any(
+                        feature = "pg13",
+                        feature = "pg14",
+                        feature = "pg15",
+                        feature = "pg16"
+                    ))]
+                    let sql = "SELECT 1 FROM pg_catalog.pg_create_logical_replication_slot($1, $2, false, false)";
+                    #[cfg(not(any(
+                        feature = "pg13",
+                        feature = "pg14",
+                        feature = "pg15",
+                        feature = "pg16"
+                    )))]
+                    let sql = "SELECT 1 FROM pg_catalog.pg_create_logical_replication_slot($1, $2, false, false, true)";
+                    // A read-only statement: a write would give the
+                    // transaction an id, and PostgreSQL makes no slot in one.
+                    read_one::<i32>(
+                        sql,
+                        &[
+                            DatumWithOid::from(slot.as_str()),
+                            DatumWithOid::from(capture::PLUGIN),
+                        ],
+                    )
+                    .unwrap_or_else(|e| {
+                        error!("outbox publisher: could not create slot \"{slot}\": {e}")
+                    });
+                });
+                log!(
+                    "outbox publisher: created slot \"{}\" for outbox.capture = 'wal'",
+                    self.slot
+                );
+            }
+        }
+        self.ready = true;
+        true
+    }
+
+    /// One look at the slot with the broker connected: sends what it
+    /// finds, spills what the broker would not take, advances. Some(n):
+    /// messages handled (0: none waiting); Err: the connection broke (what
+    /// was confirmed before counts).
+    pub fn deliver(
+        &mut self,
+        conn: &mut Connection,
+        transactions: &mut u64,
+        receipt_timeout: Duration,
+    ) -> Result<usize, StompError> {
+        if !self.ready {
+            return Ok(0);
+        }
+        let Some(peeked) = self.peek(PEEK_ROWS) else {
+            return Ok(0);
+        };
+        self.waiting_since = None;
+        let n: usize = peeked.transactions.iter().map(|t| t.messages.len()).sum();
+        self.oldest_waiting = peeked
+            .transactions
+            .first()
+            .map_or(0, |t| t.committed / 1000 + PG_EPOCH_MS);
+        if n == 0 {
+            self.advance(&peeked, peeked.transactions.len());
+            return Ok(0);
+        }
+        let style = Style::of(conn.server());
+        let mut frames = Vec::with_capacity(n);
+        for m in peeked.transactions.iter().flat_map(|t| &t.messages) {
+            let id = frames.len() as i64;
+            frames.push((
+                id,
+                crate::broker::send_frame(&m.destination, &m.headers, &m.body),
+            ));
+        }
+        super::busy(&format!("sending {n} captured message(s)"));
+        let mut sent = Flight::send(conn, frames, style, transactions)?;
+        let mut read = Ok(());
+        while !sent.settled() {
+            read = flight::collect(conn, std::slice::from_mut(&mut sent), receipt_timeout);
+            if read.is_err() || !sent.unattributed.is_empty() {
+                break;
+            }
+        }
+        let confirmed: std::collections::HashSet<i64> = sent.confirmed.iter().copied().collect();
+        let refused: std::collections::HashMap<i64, String> =
+            sent.refused.iter().cloned().collect();
+        if read.is_err() {
+            // Advance past the transactions confirmed whole; the rest is
+            // sent again on the next connection.
+            let mut i = 0;
+            let mut whole = 0;
+            for t in &peeked.transactions {
+                let ids = i..i + t.messages.len() as i64;
+                i = ids.end;
+                if !ids.clone().all(|id| confirmed.contains(&id)) {
+                    break;
+                }
+                whole += 1;
+            }
+            crate::status::Reporter::Publisher.count(confirmed.len() as u64);
+            self.advance(&peeked, whole);
+            return read.map(|_| 0);
+        }
+        // The connection stands: whatever is not confirmed moves into the
+        // table (a refusal counts as the first attempt), then the slot
+        // moves past all of it.
+        let mut spill = Vec::new();
+        for (i, m) in peeked
+            .transactions
+            .iter()
+            .flat_map(|t| &t.messages)
+            .enumerate()
+        {
+            let i = i as i64;
+            if !confirmed.contains(&i) {
+                spill.push((m, refused.get(&i).cloned()));
+            }
+        }
+        for (m, why) in &spill {
+            if let Some(why) = why {
+                warning!(
+                    "outbox publisher: broker refused captured message {}: {why}",
+                    uuid::Uuid::from_bytes(m.message_id)
+                );
+                crate::status::Reporter::Publisher.error(why);
+            }
+        }
+        let spilled = spill.len();
+        if spilled > 0 && !store(&spill) {
+            // Not stored: the slot keeps them, they are sent again.
+            return Ok(n);
+        }
+        crate::status::Reporter::Publisher.count((n - spilled) as u64);
+        self.advance(&peeked, peeked.transactions.len());
+        Ok(n)
+    }
+
+    /// The broker is away: once captured messages have waited
+    /// `outbox.wal_spill_after`, they move into the table and the slot
+    /// advances (it never holds WAL for long). True when some moved.
+    pub fn spill_if_due(&mut self) -> bool {
+        if !self.ready {
+            return false;
+        }
+        let after = Duration::from_millis(crate::guc::WAL_SPILL_AFTER_MS.get().max(0) as u64);
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < after {
+            return false;
+        }
+        let mut moved = 0;
+        while let Some(peeked) = self.peek(PEEK_ROWS) {
+            let messages: Vec<(&Captured, Option<String>)> = peeked
+                .transactions
+                .iter()
+                .flat_map(|t| &t.messages)
+                .map(|m| (m, None))
+                .collect();
+            if !messages.is_empty() && !store(&messages) {
+                break;
+            }
+            moved += messages.len();
+            self.advance(&peeked, peeked.transactions.len());
+            if peeked.complete {
+                break;
+            }
+        }
+        self.oldest_waiting = 0;
+        self.waiting_since = Some(Instant::now());
+        if moved > 0 {
+            log!(
+                "outbox publisher: the broker is away; {moved} captured message(s) moved into outbox.published"
+            );
+        }
+        moved > 0
+    }
+
+    /// Whether WAL was written since the last complete peek (cheap: no
+    /// transaction): an idle publisher looks then, so that the slot keeps
+    /// up and holds back no WAL.
+    pub fn behind(&self) -> bool {
+        // SAFETY: reads a position in shared memory.
+        self.ready && unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) } > self.seen_to.get()
+    }
+
+    /// When the next spill may be due (the broker away).
+    pub fn spill_due_in(&self) -> Option<Duration> {
+        let after = Duration::from_millis(crate::guc::WAL_SPILL_AFTER_MS.get().max(0) as u64);
+        self.waiting_since.filter(|_| self.ready).map(|t| {
+            after
+                .saturating_sub(t.elapsed())
+                .max(Duration::from_millis(10))
+        })
+    }
+
+    /// Reads the slot up to the WAL flushed now, without moving it (None:
+    /// it could not be read, which is logged).
+    fn peek(&self, rows: i64) -> Option<Peeked> {
+        let slot = self.slot.clone();
+        let read = super::tx::transaction(|| {
+            Spi::connect(|c| {
+                let target = c
+                    .select(
+                        "SELECT pg_catalog.pg_current_wal_flush_lsn()::text, \
+                           (pg_catalog.pg_current_wal_flush_lsn() OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8",
+                        None,
+                        &[],
+                    )
+                    .ok()
+                    .and_then(|mut r| r.next())
+                    .map(|r| {
+                        (
+                            r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                            r.get::<i64>(2).ok().flatten().unwrap_or_default(),
+                        )
+                    })
+                    .unwrap_or_default();
+                let rows_read = c
+                    .select(
+                        "SELECT (lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, data \
+                         FROM pg_catalog.pg_logical_slot_peek_binary_changes($1, $2::pg_catalog.pg_lsn, $3::int4)",
+                        None,
+                        &[
+                            DatumWithOid::from(slot.as_str()),
+                            DatumWithOid::from(target.0.as_str()),
+                            DatumWithOid::from(rows as i32),
+                        ],
+                    )
+                    .unwrap_or_else(|e| error!("could not read slot \"{slot}\": {e}"));
+                let mut transactions = Vec::new();
+                let mut open = Vec::new();
+                let mut count = 0i64;
+                for r in rows_read {
+                    count += 1;
+                    let lsn = r.get::<i64>(1).ok().flatten().unwrap_or_default() as u64;
+                    let data = r.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
+                    match data.split_first() {
+                        Some((b'M', payload)) => match capture::decode(payload) {
+                            Some(m) => open.push(m),
+                            None => warning!(
+                                "outbox publisher: a captured message at {lsn:X} is not in a known format; skipped"
+                            ),
+                        },
+                        Some((b'C', at)) if at.len() == 8 => transactions.push(Transaction {
+                            messages: std::mem::take(&mut open),
+                            end: lsn,
+                            committed: i64::from_be_bytes(at.try_into().expect("8 bytes")),
+                        }),
+                        _ => {}
+                    }
+                }
+                Peeked {
+                    transactions,
+                    complete: count < rows,
+                    target: target.1 as u64,
+                }
+            })
+        });
+        read.map_err(|e| {
+            warning!(
+                "outbox publisher: could not read slot \"{}\": {e}",
+                self.slot
+            )
+        })
+        .ok()
+    }
+
+    /// Moves the slot past the first `whole` transactions of a peek (past
+    /// the target when that is all of a complete peek). Never backwards.
+    fn advance(&self, peeked: &Peeked, whole: usize) {
+        let to = if whole == peeked.transactions.len() && peeked.complete {
+            self.seen_to.set(peeked.target);
+            peeked.target
+        } else if whole == 0 {
+            return;
+        } else {
+            peeked.transactions[whole - 1].end
+        };
+        if to == 0 {
+            return;
+        }
+        let slot = self.slot.clone();
+        let lsn = format!("{:X}/{:X}", to >> 32, to & 0xffff_ffff);
+        let moved = super::tx::transaction(|| {
+            // Read-only, as the slot functions want (see `prepare`).
+            read_one::<i64>(
+                "SELECT count(*) FROM (SELECT pg_catalog.pg_replication_slot_advance(slot_name, $2::pg_catalog.pg_lsn) \
+                 FROM pg_catalog.pg_replication_slots \
+                 WHERE slot_name = $1 AND confirmed_flush_lsn OPERATOR(pg_catalog.<) $2::pg_catalog.pg_lsn) AS moved",
+                &[DatumWithOid::from(slot.as_str()), DatumWithOid::from(lsn.as_str())],
+            )
+            .unwrap_or_else(|e| error!("{e}"));
+        });
+        if let Err(e) = moved {
+            // Tried again at the next look; meanwhile messages may be sent
+            // twice, never lost.
+            warning!("outbox publisher: could not advance slot \"{slot}\": {e}");
+        }
+    }
+}
+
+/// The first column of the first row of a read-only statement. (pgrx's
+/// `Spi::get_one_with_args` runs statements as writes, which gives the
+/// transaction an id: PostgreSQL then refuses to make a slot.)
+fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[DatumWithOid],
+) -> pgrx::spi::Result<Option<T>> {
+    Spi::connect(|c| c.select(sql, Some(1), args)?.first().get_one::<T>())
+}
+
+/// Lets this session use the extension as an output plugin where
+/// PostgreSQL keeps a list of the libraries allowed
+/// (`output_plugin_libraries`, a superuser setting since 15.20 and 18.x):
+/// only the publisher's own session, which reads only its own messages;
+/// other users' sessions keep the server's list.
+fn allow_plugin() {
+    // SAFETY: reading and setting a GUC by name from the worker's main thread.
+    unsafe {
+        let current = pg_sys::GetConfigOption(c"output_plugin_libraries".as_ptr(), true, false);
+        if current.is_null() {
+            return; // a release without the list
+        }
+        let list = std::ffi::CStr::from_ptr(current)
+            .to_string_lossy()
+            .into_owned();
+        if list.split(',').any(|l| l.trim() == capture::PLUGIN) {
+            return;
+        }
+        let value = if list.trim().is_empty() {
+            capture::PLUGIN.to_string()
+        } else {
+            format!("{list}, {}", capture::PLUGIN)
+        };
+        let value = std::ffi::CString::new(value).expect("no NUL");
+        pg_sys::SetConfigOption(
+            c"output_plugin_libraries".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
+/// Writes captured messages into `outbox.published` as scheduled rows (a
+/// refusal as the first attempt), durably: the slot moves past them next,
+/// and a row lost in a crash after that would be a message lost. A row
+/// already there (the same message spilled before a crash) is kept. False
+/// when they could not be stored (logged): the slot must not move then.
+fn store(messages: &[(&Captured, Option<String>)]) -> bool {
+    let stored = super::tx::transaction(|| {
+        Spi::connect_mut(|c| {
+            c.update("SET LOCAL synchronous_commit = on", None, &[])
+                .unwrap_or_else(|e| error!("outbox publisher: {e}"));
+            for (m, refused) in messages {
+                let id = uuid::Uuid::from_bytes(m.message_id).to_string();
+                c.update(
+                "INSERT INTO outbox.published \
+                   (message_id, destination, version, body, headers, retry, last_error) \
+                 VALUES ($1::pg_catalog.uuid, $2, $3, $4::pg_catalog.jsonb, $5::pg_catalog.jsonb, $6, $7) \
+                 ON CONFLICT (message_id) DO NOTHING",
+                None,
+                &[
+                    DatumWithOid::from(id.as_str()),
+                    DatumWithOid::from(m.destination.as_str()),
+                    DatumWithOid::from(m.version.as_deref()),
+                    DatumWithOid::from(m.body.as_str()),
+                    DatumWithOid::from(m.headers.as_str()),
+                    DatumWithOid::from(if refused.is_some() { 1i32 } else { 0i32 }),
+                    DatumWithOid::from(refused.as_deref()),
+                ],
+            )
+            .unwrap_or_else(|e| error!("{e}"));
+            }
+        })
+    });
+    if let Err(e) = &stored {
+        warning!("outbox publisher: could not move captured messages into outbox.published: {e}");
+    }
+    stored.is_ok()
+}

@@ -1,0 +1,309 @@
+//! Capture in the WAL (`outbox.capture = 'wal'`): messages written as
+//! logical-decoding messages, read back by the publisher through its slot,
+//! delivered with the same headers and order, and nothing lost when the
+//! broker refuses, is away, or Postgres stops at the worst moment.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox_pg_e2e::broker::{self, Subscriber};
+use outbox_pg_e2e::cluster::sqlstate;
+use outbox_pg_e2e::{Cluster, unique, wait_for};
+use postgres::Client;
+
+const SETTINGS: &[&str] = &[
+    "wal_level = logical",
+    "outbox.poll_interval = '1s'",
+    "outbox.pause_for_retry = '200ms'",
+    "outbox.wait_retry = '200ms'",
+    "outbox.maximum_retry_attempts = 3",
+    "outbox.maximum_backoff = '500ms'",
+    "outbox.stomp_connect_timeout = '2s'",
+    "outbox.wal_spill_after = '1s'",
+];
+
+/// A cluster with `wal_level = logical` whose publisher made its slot.
+fn cluster(extra: &[&str]) -> Cluster {
+    let cl = Cluster::start(&[SETTINGS, extra].concat());
+    let mut c = cl.client();
+    wait_for("the outbox slot", Duration::from_secs(20), || {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'outbox_pg_%' AND plugin = 'outbox_pg'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    });
+    cl
+}
+
+fn wal_client(cl: &Cluster) -> Client {
+    let mut c = cl.client();
+    c.batch_execute("SET outbox.capture = 'wal'").unwrap();
+    c
+}
+
+fn rows(c: &mut Client) -> i64 {
+    c.query_one("SELECT count(*) FROM outbox.published", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// The WAL written so far (a mark for `caught_up`).
+fn mark(c: &mut Client) -> String {
+    c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Whether the slot advanced to `mark`: everything captured before it is
+/// confirmed or moved into the table. (Peeking from here would compete
+/// with the publisher for the slot.)
+fn caught_up(c: &mut Client, mark: &str) -> bool {
+    c.query_one(
+        "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false)
+         FROM pg_replication_slots WHERE slot_name LIKE 'outbox_pg_%'",
+        &[&mark],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn wait_caught_up(c: &mut Client, mark: &str) {
+    wait_for("the slot to advance", Duration::from_secs(15), || {
+        caught_up(c, mark).then_some(())
+    });
+}
+
+fn ids(frames: &[outbox_pg_e2e::broker::stomp::frame::Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f.get("dop-msg-id").unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn captured_messages_arrive_in_order_with_their_headers_and_leave_no_row() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let d = format!("/topic/{}", unique("wal"));
+    let mut sub = Subscriber::new(&d);
+    // Same sending rules: the version suffix is the wire destination.
+    let mut sub_v2 = Subscriber::new(&format!("{d}.v2"));
+    let mut c = wal_client(&cl);
+    let mut sent = Vec::new();
+    for t in 0..3 {
+        let mut tx = c.transaction().unwrap();
+        for i in 0..50 {
+            let id: String = tx
+                .query_one(
+                    "SELECT outbox.publish($1, jsonb_build_object('seq', $2::int), '{\"team\": \"billing\"}', 'v2')::text",
+                    &[&d, &(t * 50 + i)],
+                )
+                .unwrap()
+                .get(0);
+            sent.push(id);
+        }
+        tx.commit().unwrap();
+    }
+    // Rolled back: never sent.
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT outbox.publish($1, '\"rolled back\"')", &[&d])
+        .unwrap();
+    tx.rollback().unwrap();
+    let frames = sub_v2.take(150, Duration::from_secs(20));
+    assert_eq!(ids(&frames), sent, "every message, in commit order");
+    let f = &frames[0];
+    assert_eq!(f.get("team"), Some("billing"));
+    assert_eq!(f.get("dop-msg-type"), Some("Published"));
+    assert_eq!(f.get("persistent"), Some("true"));
+    assert_eq!(
+        f.get("content-type"),
+        Some("application/json;charset=utf-8")
+    );
+    assert_eq!(String::from_utf8_lossy(&f.body), r#"{"seq": 0}"#);
+    assert!(
+        sub.next(Duration::from_millis(500)).is_none(),
+        "nothing else"
+    );
+    // No row, and the slot moved past them.
+    assert_eq!(rows(&mut c), 0);
+    let m = mark(&mut c);
+    wait_caught_up(&mut c, &m);
+    let lag: Option<i64> = c
+        .query_one(
+            "SELECT slot_lag_bytes FROM outbox.status WHERE worker = 'publisher'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(lag.is_some(), "outbox.status shows the slot's lag");
+}
+
+#[test]
+fn a_trigger_captures_too_and_a_delayed_message_waits_in_the_table() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let d = format!("/topic/{}", unique("waltrg"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = wal_client(&cl);
+    c.batch_execute(&format!(
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+         CREATE TRIGGER orders_out AFTER INSERT ON orders
+           FOR EACH ROW EXECUTE FUNCTION outbox.publish('{d}');
+         INSERT INTO orders SELECT g, g * 1.5 FROM generate_series(1, 20) g;"
+    ))
+    .unwrap();
+    let frames = sub.take(20, Duration::from_secs(15));
+    assert_eq!(frames.len(), 20);
+    assert!(String::from_utf8_lossy(&frames[19].body).contains("\"id\": 20"));
+    assert_eq!(rows(&mut c), 0);
+    c.execute(
+        "SELECT outbox.publish($1, '\"later\"', delay => '1 second')",
+        &[&d],
+    )
+    .unwrap();
+    assert_eq!(rows(&mut c), 1, "a delayed message is a row");
+    assert!(
+        sub.next(Duration::from_secs(10)).is_some(),
+        "and it is sent"
+    );
+}
+
+#[test]
+fn capture_in_the_wal_needs_wal_level_logical() {
+    let cl = Cluster::start(&["outbox.stomp_hosts = '127.0.0.1:1'"]);
+    let mut c = cl.client();
+    c.batch_execute("SET outbox.capture = 'wal'").unwrap();
+    let e = c
+        .execute("SELECT outbox.publish('/topic/x', '1')", &[])
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "55000");
+    let db = e.as_db_error().unwrap();
+    assert!(
+        db.message().contains("wal_level = logical"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        db.hint()
+            .unwrap_or_default()
+            .contains("wal_level = logical")
+    );
+    assert_eq!(rows(&mut c), 0, "nothing written");
+    let e = c.batch_execute("SET outbox.capture = 'disk'").unwrap_err();
+    assert_eq!(sqlstate(&e), "22023");
+}
+
+#[test]
+fn a_refused_captured_message_becomes_a_row_and_fails_after_its_retries() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let d = format!("/topic/{}", unique("walpoison"));
+    let poison = format!("/nonsense/{}", unique("x"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = wal_client(&cl);
+    c.batch_execute(&format!(
+        "BEGIN;
+         SELECT outbox.publish('{d}', '1');
+         SELECT outbox.publish('{poison}', '\"bad\"');
+         SELECT outbox.publish('{d}', '2');
+         COMMIT;"
+    ))
+    .unwrap();
+    // The innocent ones arrive (at least once), the refused one fails in
+    // the table on the usual schedule.
+    let got: HashSet<String> = sub
+        .take(2, Duration::from_secs(20))
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.body).into_owned())
+        .collect();
+    assert_eq!(got, HashSet::from(["1".to_string(), "2".to_string()]));
+    let (status, retry, error): (String, i32, Option<String>) = wait_for(
+        "the refused message to fail",
+        Duration::from_secs(30),
+        || {
+            c.query_opt(
+                "SELECT status::text, retry, last_error FROM outbox.published WHERE destination = $1",
+                &[&poison],
+            )
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .filter(|(s, _, _): &(String, i32, Option<String>)| s == "failed")
+        },
+    );
+    assert_eq!((status.as_str(), retry), ("failed", 3));
+    assert!(error.is_some());
+    let m = mark(&mut c);
+    wait_caught_up(&mut c, &m);
+}
+
+#[test]
+fn with_the_broker_away_captured_messages_move_into_the_table_and_all_arrive() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&["outbox.stomp_hosts = '127.0.0.1:1'"]);
+    let d = format!("/topic/{}", unique("walspill"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = wal_client(&cl);
+    let mut sent = HashSet::new();
+    for i in 0..100 {
+        let id: String = c
+            .query_one(
+                "SELECT outbox.publish($1, to_jsonb($2::int))::text",
+                &[&d, &i],
+            )
+            .unwrap()
+            .get(0);
+        sent.insert(id);
+    }
+    let m = mark(&mut c);
+    wait_for("100 rows spilled", Duration::from_secs(20), || {
+        (rows(&mut c) == 100).then_some(())
+    });
+    // The slot holds nothing back meanwhile.
+    wait_caught_up(&mut c, &m);
+    cl.set(&["outbox.stomp_hosts = '127.0.0.1:61613'"]);
+    let got: HashSet<String> = ids(&sub.take(100, Duration::from_secs(20)))
+        .into_iter()
+        .collect();
+    assert_eq!(got, sent);
+}
+
+#[test]
+fn an_immediate_stop_mid_delivery_loses_no_captured_message() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let d = format!("/topic/{}", unique("walcrash"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = wal_client(&cl);
+    let mut sent = HashSet::new();
+    for t in 0..20 {
+        let r = c
+            .query(
+                "SELECT outbox.publish($1, to_jsonb(g))::text FROM generate_series($2::int, $2::int + 99) g",
+                &[&d, &(t * 100)],
+            )
+            .unwrap();
+        sent.extend(r.iter().map(|r| r.get::<_, String>(0)));
+    }
+    // Stopped at once while it drains, started again.
+    let first = sub.next(Duration::from_secs(10)).expect("delivery started");
+    cl.restart("immediate");
+    let mut got: HashSet<String> = HashSet::from([first.get("dop-msg-id").unwrap().to_string()]);
+    let mut dup = 0;
+    while got.len() < sent.len() {
+        let Some(f) = sub.next(Duration::from_secs(20)) else {
+            break;
+        };
+        if !got.insert(f.get("dop-msg-id").unwrap().to_string()) {
+            dup += 1;
+        }
+    }
+    assert_eq!(got, sent, "every committed message arrives");
+    eprintln!("{dup} sent twice after the crash");
+    let mut c = cl.client();
+    let m = mark(&mut c);
+    wait_caught_up(&mut c, &m);
+}
