@@ -21,7 +21,8 @@ SET search_path = pg_catalog, pg_temp AS $$
         SELECT (SELECT count(*) FROM outbox.published WHERE status = 'scheduled') AS scheduled,
                (SELECT count(*) FROM outbox.published WHERE status = 'failed') AS failed,
                (SELECT now() - added FROM outbox.published WHERE status = 'scheduled' ORDER BY id LIMIT 1) AS oldest,
-               (SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots
+               (SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
+                        - restart_lsn)::bigint FROM pg_replication_slots
                  WHERE slot_name = 'outbox_pg_' || (SELECT oid FROM pg_database WHERE datname = current_database())) AS lag,
                (SELECT to_timestamp((w->>'oldest_waiting_commit')::float8) FROM workers
                  WHERE w->>'worker' = 'publisher') AS waiting

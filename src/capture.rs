@@ -24,6 +24,62 @@ pub const PREFIX: &std::ffi::CStr = c"outbox_pg";
 pub const PLUGIN: &str = "outbox_pg";
 const FORMAT: u8 = 1;
 
+/// The cluster's *key*: captured messages carry an HMAC-SHA256 made with
+/// it, and the plugin hands back only messages whose HMAC is right. Anyone
+/// may call `pg_logical_emit_message` with the extension's prefix; only
+/// `outbox.publish()` and the trigger (behind their privileges and checks)
+/// know the key. A file of the data directory, made at the first start
+/// with the library preloaded: a base backup copies it, so a standby reads
+/// its primary's messages after a promotion.
+const KEY_FILE: &str = "outbox_pg.key";
+static KEY: std::sync::OnceLock<ring::hmac::Key> = std::sync::OnceLock::new();
+const TAG: usize = 32;
+
+/// Loads (or makes) the key; from `_PG_init` in the postmaster, whose
+/// working directory is the data directory. Every process it starts has it.
+pub fn load_key() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = match std::fs::read(KEY_FILE) {
+        Ok(b) if b.len() == 32 => b,
+        _ => {
+            let mut b = vec![0u8; 32];
+            // SAFETY: fills the buffer.
+            if !unsafe { pg_sys::pg_strong_random(b.as_mut_ptr().cast(), b.len()) } {
+                warning!("outbox_pg: no random bytes for {KEY_FILE}; capture in the WAL is off");
+                return;
+            }
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(KEY_FILE)
+                .and_then(|mut f| f.write_all(&b).and_then(|_| f.sync_all()));
+            if let Err(e) = written {
+                warning!("outbox_pg: could not write {KEY_FILE}: {e}; capture in the WAL is off");
+                return;
+            }
+            b
+        }
+    };
+    let _ = KEY.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes));
+}
+
+/// The payload with its HMAC appended (None: no key).
+fn signed(mut payload: Vec<u8>) -> Option<Vec<u8>> {
+    let tag = ring::hmac::sign(KEY.get()?, &payload);
+    payload.extend_from_slice(tag.as_ref());
+    Some(payload)
+}
+
+/// The payload of a signed message whose HMAC is right.
+fn verified(data: &[u8]) -> Option<&[u8]> {
+    let key = KEY.get()?;
+    let (payload, tag) = data.split_at(data.len().checked_sub(TAG)?);
+    ring::hmac::verify(key, payload, tag).ok()?;
+    Some(payload)
+}
+
 /// The database's slot.
 pub fn slot_name(database: pg_sys::Oid) -> String {
     format!("outbox_pg_{}", database.to_u32())
@@ -102,7 +158,8 @@ pub fn decode(data: &[u8]) -> Option<Captured> {
 }
 
 // The C function behind pg_logical_emit_message (message.h, which the
-// bindings leave out); 17 added `flush`.
+// bindings leave out); 17 added `flush`. Called through
+// pg_guard_ffi_boundary: its ERROR must come back through Rust's frames.
 unsafe extern "C-unwind" {
     #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
     fn LogLogicalMessage(
@@ -135,43 +192,63 @@ pub fn check() -> Result<()> {
     if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
         return Err(OutboxError::WalLevel);
     }
-    thread_local! {
-        // Once found, a slot is only dropped by hand: asked once per backend.
-        static FOUND: Cell<bool> = const { Cell::new(false) };
-    }
-    if FOUND.get() {
-        return Ok(());
-    }
-    let name = std::ffi::CString::new(slot_name(unsafe { pg_sys::MyDatabaseId })).expect("no NUL");
-    // SAFETY: a look-up in the slots' shared memory, under its lock.
-    let slot = unsafe { pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true) };
-    if slot.is_null() {
+    if KEY.get().is_none() {
         return Err(OutboxError::NoSlot);
     }
-    FOUND.set(true);
+    let name = std::ffi::CString::new(slot_name(unsafe { pg_sys::MyDatabaseId })).expect("no NUL");
+    // Looked at every time (a shared-memory scan): a slot still being
+    // made (not yet consistent), invalidated or dropped would not read the
+    // message back.
+    // SAFETY: a look-up in the slots' shared memory under its lock; the
+    // fields read are single words.
+    let usable = unsafe {
+        let slot = pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true);
+        !slot.is_null() && {
+            let d = &(*slot).data;
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+            let valid = d.invalidated_at == 0 && d.restart_lsn != 0;
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let valid = d.invalidated == pg_sys::ReplicationSlotInvalidationCause::RS_INVAL_NONE;
+            d.persistency == pg_sys::ReplicationSlotPersistency::RS_PERSISTENT
+                && d.confirmed_flush != 0
+                && valid
+        }
+    };
+    if !usable {
+        return Err(OutboxError::NoSlot);
+    }
     Ok(())
 }
 
 /// Writes the message into the WAL, in the current transaction.
 pub fn emit(m: &Captured) {
-    let payload = encode(m);
+    let Some(payload) = signed(encode(m)) else {
+        OutboxError::NoSlot.raise();
+    };
     // SAFETY: a WAL record from a backend in a transaction.
     unsafe {
-        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
-        LogLogicalMessage(
-            PREFIX.as_ptr(),
-            payload.as_ptr().cast(),
-            payload.len(),
-            true,
-        );
-        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
-        LogLogicalMessage(
-            PREFIX.as_ptr(),
-            payload.as_ptr().cast(),
-            payload.len(),
-            true,
-            false,
-        );
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                payload.as_ptr().cast(),
+                payload.len(),
+                true,
+            );
+            #[cfg(not(any(
+                feature = "pg13",
+                feature = "pg14",
+                feature = "pg15",
+                feature = "pg16"
+            )))]
+            LogLogicalMessage(
+                PREFIX.as_ptr(),
+                payload.as_ptr().cast(),
+                payload.len(),
+                true,
+                false,
+            );
+        });
     }
 }
 
@@ -264,12 +341,20 @@ unsafe extern "C-unwind" fn message(
     if !transactional || unsafe { std::ffi::CStr::from_ptr(prefix) } != PREFIX {
         return;
     }
+    // SAFETY: the message's bytes, as PostgreSQL hands them over.
+    let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), size) };
+    let Some(payload) = verified(bytes) else {
+        warning!(
+            "outbox_pg: skipped a logical message with the prefix outbox_pg that outbox.publish() did not write (its signature is wrong)"
+        );
+        return;
+    };
     HAD_MESSAGE.set(true);
     unsafe {
         pg_sys::OutputPluginPrepareWrite(ctx, true);
         let out = (*ctx).out;
         pg_sys::appendStringInfoChar(out, b'M' as std::ffi::c_char);
-        pg_sys::appendBinaryStringInfo(out, data.cast(), size as i32);
+        pg_sys::appendBinaryStringInfo(out, payload.as_ptr().cast(), payload.len() as i32);
         pg_sys::OutputPluginWrite(ctx, true);
     }
 }

@@ -45,6 +45,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init_shared_memory();
+        capture::load_key();
         worker::register();
         utility::init();
     }

@@ -101,6 +101,7 @@ pub extern "C-unwind" fn outbox_publisher_main(arg: pg_sys::Datum) {
         let mut wait = p.step();
         if p.gone {
             log!("outbox publisher: the extension was dropped from database \"{database}\"");
+            p.wal.drop_slot();
             // Not marked absent: the launcher starts it again, and it
             // looks then (a DROP and CREATE in quick turn is served).
             break;

@@ -114,7 +114,7 @@ impl Wal {
                 super::busy("creating the outbox slot");
                 let slot = self.slot.clone();
                 allow_plugin();
-                BackgroundWorker::transaction(|| {
+                let made = super::tx::transaction(|| {
                     // 17 and later: a failover slot, synchronized to standbys
                     // that set sync_replication_slots.
                     #[cfg(any(
@@ -140,10 +140,19 @@ impl Wal {
                             DatumWithOid::from(capture::PLUGIN),
                         ],
                     )
-                    .unwrap_or_else(|e| {
-                        error!("outbox publisher: could not create slot \"{slot}\": {e}")
-                    });
+                    .unwrap_or_else(|e| error!("{e}"));
                 });
+                if let Err(e) = made {
+                    release_slot();
+                    // The table mode goes on; tried again later.
+                    let why = format!("could not create slot \"{}\": {e}", self.slot);
+                    warning!(
+                        "outbox publisher: {why}; outbox.capture = 'wal' is refused until it exists (tried again every {} s)",
+                        SLOT_RETRY.as_secs()
+                    );
+                    crate::status::Reporter::Publisher.error(&why);
+                    return false;
+                }
                 log!(
                     "outbox publisher: created slot \"{}\" for outbox.capture = 'wal'",
                     self.slot
@@ -276,8 +285,7 @@ impl Wal {
                 break;
             }
             moved += messages.len();
-            self.advance(&peeked, peeked.transactions.len());
-            if peeked.complete {
+            if !self.advance(&peeked, peeked.transactions.len()) || peeked.complete {
                 break;
             }
         }
@@ -289,6 +297,54 @@ impl Wal {
             );
         }
         moved > 0
+    }
+
+    /// After a failed read: the slot is made again when it is gone, or when
+    /// it lost its WAL (logged: the captured messages it still held are
+    /// gone).
+    fn look_again(&mut self) {
+        let slot = self.slot.clone();
+        let state = super::tx::transaction(|| {
+            read_one::<String>(
+                "SELECT coalesce(wal_status, '') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[DatumWithOid::from(slot.as_str())],
+            )
+            .unwrap_or_else(|e| error!("{e}"))
+        });
+        match state {
+            Ok(None) => self.ready = false,
+            Ok(Some(s)) if s == "lost" => {
+                warning!(
+                    "outbox publisher: slot \"{slot}\" was invalidated (see max_slot_wal_keep_size): captured messages it still held are lost; making it again"
+                );
+                self.drop_slot();
+            }
+            _ => {}
+        }
+        if !self.ready {
+            self.looked_for = None;
+        }
+    }
+
+    /// Drops the slot (the extension was dropped: nothing reads it again,
+    /// and it would hold WAL for good).
+    pub fn drop_slot(&mut self) {
+        if !self.ready {
+            return;
+        }
+        self.ready = false;
+        let slot = self.slot.clone();
+        let dropped = super::tx::transaction(|| {
+            read_one::<i32>(
+                "SELECT 1 FROM pg_catalog.pg_drop_replication_slot($1)",
+                &[DatumWithOid::from(slot.as_str())],
+            )
+            .unwrap_or_else(|e| error!("{e}"))
+        });
+        match dropped {
+            Ok(_) => log!("outbox publisher: dropped slot \"{slot}\""),
+            Err(e) => warning!("outbox publisher: could not drop slot \"{slot}\": {e}"),
+        }
     }
 
     /// Whether WAL was written since the last complete peek (cheap: no
@@ -311,14 +367,16 @@ impl Wal {
 
     /// Reads the slot up to the WAL flushed now, without moving it (None:
     /// it could not be read, which is logged).
-    fn peek(&self, rows: i64) -> Option<Peeked> {
+    fn peek(&mut self, rows: i64) -> Option<Peeked> {
         let slot = self.slot.clone();
         let read = super::tx::transaction(|| {
             Spi::connect(|c| {
                 let target = c
                     .select(
-                        "SELECT pg_catalog.pg_current_wal_flush_lsn()::text, \
-                           (pg_catalog.pg_current_wal_flush_lsn() OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8",
+                        // One reading of the flush position for both the
+                        // peek's bound and the advance's target.
+                        "SELECT l::text, (l OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8 \
+                         FROM pg_catalog.pg_current_wal_flush_lsn() AS l",
                         None,
                         &[],
                     )
@@ -372,28 +430,32 @@ impl Wal {
                 }
             })
         });
-        read.map_err(|e| {
-            warning!(
-                "outbox publisher: could not read slot \"{}\": {e}",
-                self.slot
-            )
-        })
-        .ok()
+        match read {
+            Ok(p) => Some(p),
+            Err(e) => {
+                release_slot();
+                warning!(
+                    "outbox publisher: could not read slot \"{}\": {e}",
+                    self.slot
+                );
+                self.look_again();
+                None
+            }
+        }
     }
 
     /// Moves the slot past the first `whole` transactions of a peek (past
     /// the target when that is all of a complete peek). Never backwards.
-    fn advance(&self, peeked: &Peeked, whole: usize) {
+    fn advance(&self, peeked: &Peeked, whole: usize) -> bool {
         let to = if whole == peeked.transactions.len() && peeked.complete {
-            self.seen_to.set(peeked.target);
             peeked.target
         } else if whole == 0 {
-            return;
+            return true;
         } else {
             peeked.transactions[whole - 1].end
         };
         if to == 0 {
-            return;
+            return true;
         }
         let slot = self.slot.clone();
         let lsn = format!("{:X}/{:X}", to >> 32, to & 0xffff_ffff);
@@ -410,7 +472,25 @@ impl Wal {
         if let Err(e) = moved {
             // Tried again at the next look; meanwhile messages may be sent
             // twice, never lost.
+            release_slot();
             warning!("outbox publisher: could not advance slot \"{slot}\": {e}");
+            return false;
+        }
+        if to == peeked.target {
+            self.seen_to.set(to);
+        }
+        true
+    }
+}
+
+/// Lets go of the slot after an error the worker survived: PostgreSQL
+/// releases it only at the end of a backend's error recovery, which a
+/// worker's caught error does not reach.
+fn release_slot() {
+    // SAFETY: the process's own slot pointer, released as PostgreSQL does.
+    unsafe {
+        if !pg_sys::MyReplicationSlot.is_null() {
+            pg_sys::ReplicationSlotRelease();
         }
     }
 }

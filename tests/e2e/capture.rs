@@ -307,3 +307,138 @@ fn an_immediate_stop_mid_delivery_loses_no_captured_message() {
     let m = mark(&mut c);
     wait_caught_up(&mut c, &m);
 }
+
+/// A promotion with captured messages still in the WAL: on 17 and later
+/// the slot is a failover slot, synchronized to the standby, and every
+/// message arrives from the promoted server; before 17 the standby has no
+/// slot (what the README says such a promotion loses).
+#[test]
+fn a_promotion_keeps_captured_messages_where_the_slot_is_synchronized() {
+    use outbox_pg_e2e::standby::{Standby, stop};
+    let _b = broker::shared_broker();
+    // The slot keeps up while the standby is made (a slot is synchronized
+    // only once it is ahead of the standby's start); then the broker goes
+    // out of reach, with no spill: the messages wait in the slot.
+    let primary = cluster(&["outbox.wal_spill_after = '1h'"]);
+    let mut p = primary.client();
+    let major: i32 = p
+        .query_one(
+            "SELECT current_setting('server_version_num')::int / 10000",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let standby = Standby::of(&primary, &["hot_standby_feedback = on"]);
+    let mut s = standby.client();
+    if major < 17 {
+        let n: i64 = s
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "before 17 a standby has no logical slot");
+        return;
+    }
+    // Slot synchronization needs a database in primary_conninfo, and the
+    // primary waits for the standby's slot before decoding past it.
+    s.batch_execute(&format!(
+        "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'",
+        primary.port
+    ))
+    .unwrap();
+    s.batch_execute("ALTER SYSTEM SET sync_replication_slots = on")
+        .unwrap();
+    s.batch_execute("SELECT pg_reload_conf()").unwrap();
+    p.batch_execute(&format!(
+        "ALTER SYSTEM SET synchronized_standby_slots = 'standby_{}'",
+        standby.port
+    ))
+    .unwrap();
+    p.batch_execute("SELECT pg_reload_conf()").unwrap();
+    // Persisted once the primary's slot moved past the standby's start
+    // (a running-transactions record comes every 15 s at most).
+    wait_for("the slot on the standby", Duration::from_secs(90), || {
+        s.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'outbox_pg_%' AND synced AND NOT temporary",
+            &[],
+        )
+        .unwrap()
+    });
+    p.batch_execute("ALTER SYSTEM SET outbox.stomp_hosts = '127.0.0.1:1'")
+        .unwrap();
+    p.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let d = format!("/topic/{}", unique("walfailover"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = wal_client(&primary);
+    let mut sent = HashSet::new();
+    for t in 0..5 {
+        let r = c
+            .query(
+                "SELECT outbox.publish($1, to_jsonb(g))::text FROM generate_series($2::int, $2::int + 99) g",
+                &[&d, &(t * 100)],
+            )
+            .unwrap();
+        sent.extend(r.iter().map(|r| r.get::<_, String>(0)));
+    }
+    standby.wait_replayed(&primary, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    stop(&primary, "immediate");
+    standby.promote();
+    let mut s = standby.client();
+    s.batch_execute("ALTER SYSTEM SET outbox.stomp_hosts = '127.0.0.1:61613'")
+        .unwrap();
+    s.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let got: HashSet<String> = ids(&sub.take(sent.len(), Duration::from_secs(60)))
+        .into_iter()
+        .collect();
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "every captured message after the promotion"
+    );
+    assert_eq!(got, sent);
+    assert_eq!(rows(&mut s), 0, "from the slot, not the table");
+}
+
+#[test]
+fn a_message_forged_with_pg_logical_emit_message_is_never_sent() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&[]);
+    let d = format!("/topic/{}", unique("walforge"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = cl.client();
+    // Anyone may call pg_logical_emit_message: a role with no outbox right
+    // writes a well-formed payload with the extension's prefix (format 1,
+    // an id, destination, headers, body, no version), unsigned.
+    c.batch_execute("CREATE ROLE mallory LOGIN").unwrap();
+    let mut m = cl.connect("postgres", "mallory");
+    let dest = d.as_bytes();
+    let mut payload = vec![1u8];
+    payload.extend_from_slice(&[9u8; 16]);
+    for part in [dest, b"{}", b"\"forged\""] {
+        payload.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        payload.extend_from_slice(part);
+    }
+    payload.extend_from_slice(&u32::MAX.to_be_bytes());
+    // With a tag of the right length too, and without one.
+    let mut tagged = payload.clone();
+    tagged.extend_from_slice(&[0u8; 32]);
+    for p in [&payload, &tagged] {
+        m.execute(
+            "SELECT pg_logical_emit_message(true, 'outbox_pg', $1::bytea)",
+            &[p],
+        )
+        .unwrap();
+    }
+    // A real one after them arrives alone.
+    wal_client(&cl)
+        .execute("SELECT outbox.publish($1, '\"real\"')", &[&d])
+        .unwrap();
+    let f = sub.next(Duration::from_secs(15)).expect("the real message");
+    assert_eq!(String::from_utf8_lossy(&f.body), "\"real\"");
+    assert!(sub.next(Duration::from_secs(2)).is_none(), "nothing forged");
+    assert!(cl.log().contains("did not write (its signature is wrong)"));
+}
