@@ -104,9 +104,10 @@ fn main() {
     broker::wait_until_up();
     let mut rows = Vec::new();
     type Figure = fn(&Sizes, &mut Vec<Row>);
-    let figures: [(&str, Figure); 9] = [
+    let figures: [(&str, Figure); 10] = [
         ("write", write_path),
         ("capture", capture_write_path),
+        ("capture-delivery", capture_delivery),
         ("durable", durable_drain),
         ("activemq", activemq_drain),
         ("burst", latency_after_burst),
@@ -474,6 +475,109 @@ fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
             ok: Some(r <= target),
         });
     }
+}
+
+/// Delivery with `outbox.capture = 'wal'` beside the table mode, in the
+/// same cluster and run: a backlog written while the broker is away, then
+/// drained into a queue (rounds alternating), and commit → subscriber
+/// latency (samples alternating); the table's inserts are counted after.
+fn capture_delivery(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let cl = Cluster::start(&[
+        "wal_level = logical",
+        &format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port()),
+        "outbox.wal_spill_after = '1h'",
+    ]);
+    let mut c = cl.client();
+    wait_for("the outbox slot", Duration::from_secs(30), || {
+        c.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'outbox_pg_%'",
+            &[],
+        )
+        .unwrap()
+    });
+    let n = sizes.drain;
+    let drain = |c: &mut Client, mode: &str| -> Duration {
+        let d = format!("/queue/{}", unique("bench_capture"));
+        // A consumer reads as they come (the same for both modes).
+        let mut sub = Subscriber::new(&d);
+        c.batch_execute(&format!("SET outbox.capture = '{mode}'"))
+            .unwrap();
+        c.batch_execute(&format!(
+            "SELECT outbox.publish('{d}', jsonb_build_object('n', i, 'name', 'item ' || i, 'amount', i * 1.5))
+             FROM generate_series(1, {n}) i"
+        ))
+        .unwrap();
+        let t = Instant::now();
+        cl.set(&[&format!("outbox.stomp_hosts = '{}'", broker::STOMP)]);
+        assert_eq!(
+            sub.take(n as usize, Duration::from_secs(3600)).len(),
+            n as usize
+        );
+        let took = t.elapsed();
+        cl.set(&[&format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port())]);
+        std::thread::sleep(Duration::from_secs(1));
+        took
+    };
+    let rounds = Rounds(
+        (0..3)
+            .map(|_| [drain(&mut c, "table"), drain(&mut c, "wal")])
+            .collect(),
+    );
+    let (table, wal) = (rounds.time(0), rounds.time(1));
+    let r = rounds.ratio(0, 1);
+    rows.push(Row {
+        figure: format!("drain, {n}-message backlog → queue, capture = 'wal'"),
+        value: format!("{:.0} msg/s", rate(n, wal)),
+        baseline: format!("capture = 'table' {:.0} msg/s", rate(n, table)),
+        ratio: format!("{r:.2}×"),
+        target: "≥ 1× table".into(),
+        ok: Some(r >= 0.95),
+    });
+    // Latency, the two modes taking turns.
+    cl.set(&[&format!("outbox.stomp_hosts = '{}'", broker::STOMP)]);
+    let d = format!("/topic/{}", unique("bench_capture_latency"));
+    let mut sub = Subscriber::new(&d);
+    let (mut table, mut wal) = (Vec::new(), Vec::new());
+    for i in 0..(sizes.latency * 2 + 40) {
+        let mode = if i % 2 == 0 { "table" } else { "wal" };
+        c.batch_execute(&format!("SET outbox.capture = '{mode}'"))
+            .unwrap();
+        let t = Instant::now();
+        c.execute("SELECT outbox.publish($1, '{\"ping\": true}')", &[&d])
+            .unwrap();
+        sub.take(1, Duration::from_secs(10));
+        // The first rounds warm up.
+        if i >= 40 {
+            if i % 2 == 0 { &mut table } else { &mut wal }.push(t.elapsed());
+        }
+    }
+    let p = |v: &mut Vec<Duration>, q: f64| {
+        v.sort();
+        v[((v.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e3
+    };
+    let (t50, t99, w50, w99) = (
+        p(&mut table, 0.5),
+        p(&mut table, 0.99),
+        p(&mut wal, 0.5),
+        p(&mut wal, 0.99),
+    );
+    let inserted: i64 = c
+        .query_one(
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'outbox.published'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    rows.push(Row {
+        figure: format!("latency, commit → subscriber, capture = 'wal', {} samples", sizes.latency),
+        value: format!("p50 {w50:.2} ms, p99 {w99:.2} ms"),
+        baseline: format!(
+            "capture = 'table' p50 {t50:.2} ms, p99 {t99:.2} ms (rows inserted in the run, table mode only: {inserted})"
+        ),
+        ratio: format!("{:.2}× p50", w50 / t50),
+        target: "≤ 1× table".into(),
+        ok: Some(w50 <= t50 * 1.05),
+    });
 }
 
 fn publisher_pid(c: &mut Client) -> i32 {

@@ -35,34 +35,78 @@ const KEY_FILE: &str = "outbox_pg.key";
 static KEY: std::sync::OnceLock<ring::hmac::Key> = std::sync::OnceLock::new();
 const TAG: usize = 32;
 
+/// Whether the key is loaded (the publisher reads the slot only then).
+pub fn has_key() -> bool {
+    KEY.get().is_some()
+}
+
 /// Loads (or makes) the key; from `_PG_init` in the postmaster, whose
 /// working directory is the data directory. Every process it starts has it.
 pub fn load_key() {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let bytes = match std::fs::read(KEY_FILE) {
-        Ok(b) if b.len() == 32 => b,
-        _ => {
-            let mut b = vec![0u8; 32];
-            // SAFETY: fills the buffer.
-            if !unsafe { pg_sys::pg_strong_random(b.as_mut_ptr().cast(), b.len()) } {
-                warning!("outbox_pg: no random bytes for {KEY_FILE}; capture in the WAL is off");
-                return;
-            }
-            let written = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(KEY_FILE)
-                .and_then(|mut f| f.write_all(&b).and_then(|_| f.sync_all()));
-            if let Err(e) = written {
-                warning!("outbox_pg: could not write {KEY_FILE}: {e}; capture in the WAL is off");
-                return;
-            }
-            b
+    match read_or_make_key() {
+        Ok(bytes) => {
+            let _ = KEY.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes));
         }
-    };
-    let _ = KEY.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes));
+        Err(why) => warning!(
+            "outbox_pg: {why}; outbox.capture = 'wal' is refused and captured messages are not read until it is fixed"
+        ),
+    }
+}
+
+/// The key's bytes: read, or made when the cluster can have written no
+/// message with another one (no slot of the extension, not in recovery).
+/// A key made anew where messages wait would make them unreadable.
+fn read_or_make_key() -> std::result::Result<Vec<u8>, String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::read(KEY_FILE) {
+        Ok(b) if b.len() == 32 => return Ok(b),
+        Ok(b) => return Err(format!("{KEY_FILE} holds {} bytes, not 32", b.len())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("could not read {KEY_FILE}: {e}"));
+        }
+        Err(_) => {}
+    }
+    let slots_of_ours = std::fs::read_dir("pg_replslot")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("outbox_pg_"))
+        })
+        .unwrap_or(false);
+    let recovering = ["standby.signal", "recovery.signal"]
+        .iter()
+        .any(|f| std::path::Path::new(f).exists());
+    if slots_of_ours || recovering {
+        return Err(format!(
+            "{KEY_FILE} is missing{}; copy it from the server that wrote the captured messages (a base backup carries it)",
+            if recovering {
+                " on a server in recovery"
+            } else {
+                " while an outbox slot exists"
+            }
+        ));
+    }
+    let mut b = vec![0u8; 32];
+    // SAFETY: fills the buffer.
+    if !unsafe { pg_sys::pg_strong_random(b.as_mut_ptr().cast(), b.len()) } {
+        return Err(format!("no random bytes for {KEY_FILE}"));
+    }
+    // Readable as the data directory's files are (group too with initdb -g).
+    let group = std::fs::metadata(".")
+        .map(|m| m.permissions().mode() & 0o050 != 0)
+        .unwrap_or(false);
+    let tmp = format!("{KEY_FILE}.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if group { 0o640 } else { 0o600 })
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&b).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, KEY_FILE))
+        .and_then(|_| std::fs::File::open(".").and_then(|d| d.sync_all()));
+    written.map_err(|e| format!("could not write {KEY_FILE}: {e}"))?;
+    Ok(b)
 }
 
 /// The payload with its HMAC appended (None: no key).
@@ -343,10 +387,23 @@ unsafe extern "C-unwind" fn message(
     }
     // SAFETY: the message's bytes, as PostgreSQL hands them over.
     let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), size) };
+    if KEY.get().is_none() {
+        // Never skip what might be genuine: the reader stops instead.
+        error!("outbox_pg: {KEY_FILE} could not be loaded: captured messages cannot be checked");
+    }
     let Some(payload) = verified(bytes) else {
-        warning!(
-            "outbox_pg: skipped a logical message with the prefix outbox_pg that outbox.publish() did not write (its signature is wrong)"
-        );
+        // Anyone may write such messages: said once per thousand.
+        thread_local! {
+            static FORGED: Cell<u64> = const { Cell::new(0) };
+        }
+        let n = FORGED.get();
+        FORGED.set(n + 1);
+        if n.is_multiple_of(1000) {
+            warning!(
+                "outbox_pg: skipped a logical message with the prefix outbox_pg that outbox.publish() did not write (its signature is wrong; {} so far)",
+                n + 1
+            );
+        }
         return;
     };
     HAD_MESSAGE.set(true);

@@ -89,6 +89,10 @@ impl Wal {
         if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
             return false;
         }
+        if !capture::has_key() {
+            // Logged at start; nothing read that could not be checked.
+            return false;
+        }
         let slot = self.slot.clone();
         let found = BackgroundWorker::transaction(|| {
             read_one::<String>(
@@ -329,20 +333,24 @@ impl Wal {
     /// Drops the slot (the extension was dropped: nothing reads it again,
     /// and it would hold WAL for good).
     pub fn drop_slot(&mut self) {
-        if !self.ready {
-            return;
-        }
         self.ready = false;
         let slot = self.slot.clone();
+        // Whether this publisher made it or an earlier one did.
         let dropped = super::tx::transaction(|| {
             read_one::<i32>(
-                "SELECT 1 FROM pg_catalog.pg_drop_replication_slot($1)",
-                &[DatumWithOid::from(slot.as_str())],
+                "SELECT 1 FROM pg_catalog.pg_replication_slots s, \
+                   LATERAL pg_catalog.pg_drop_replication_slot(s.slot_name) \
+                 WHERE s.slot_name = $1 AND s.plugin = $2",
+                &[
+                    DatumWithOid::from(slot.as_str()),
+                    DatumWithOid::from(capture::PLUGIN),
+                ],
             )
             .unwrap_or_else(|e| error!("{e}"))
         });
         match dropped {
-            Ok(_) => log!("outbox publisher: dropped slot \"{slot}\""),
+            Ok(None) => {}
+            Ok(Some(_)) => log!("outbox publisher: dropped slot \"{slot}\""),
             Err(e) => warning!("outbox publisher: could not drop slot \"{slot}\": {e}"),
         }
     }
