@@ -383,11 +383,9 @@ fn write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
     }
 }
 
-/// The write path with `outbox.capture = 'wal'` beside a bare INSERT and
-/// the table mode, in one transaction, in autocommit and as one bulk
-/// `INSERT ... SELECT` (the broker is away and captured messages stay in
-/// the slot meanwhile: only the writing is timed).
-fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
+/// A cluster for capture in the WAL whose publisher made its slot; the
+/// broker is away and captured messages stay in the slot until it is back.
+fn capture_cluster() -> (Cluster, Client) {
     let cl = Cluster::start(&[
         "wal_level = logical",
         &format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port()),
@@ -401,6 +399,15 @@ fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
         )
         .unwrap()
     });
+    (cl, c)
+}
+
+/// The write path with `outbox.capture = 'wal'` beside a bare INSERT and
+/// the table mode, in one transaction, in autocommit and as one bulk
+/// `INSERT ... SELECT` (the broker is away and captured messages stay in
+/// the slot meanwhile: only the writing is timed).
+fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
+    let (cl, mut c) = capture_cluster();
     let n = sizes.writes;
     // (trigger, capture): none; the table; the WAL.
     let variants = [("", "table"), ("table", "table"), ("wal", "wal")];
@@ -482,19 +489,7 @@ fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
 /// drained into a queue (rounds alternating), and commit → subscriber
 /// latency (samples alternating); the table's inserts are counted after.
 fn capture_delivery(sizes: &Sizes, rows: &mut Vec<Row>) {
-    let cl = Cluster::start(&[
-        "wal_level = logical",
-        &format!("outbox.stomp_hosts = '127.0.0.1:{}'", dead_port()),
-        "outbox.wal_spill_after = '1h'",
-    ]);
-    let mut c = cl.client();
-    wait_for("the outbox slot", Duration::from_secs(30), || {
-        c.query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'outbox_pg_%'",
-            &[],
-        )
-        .unwrap()
-    });
+    let (cl, mut c) = capture_cluster();
     let n = sizes.drain;
     let drain = |c: &mut Client, mode: &str| -> Duration {
         let d = format!("/queue/{}", unique("bench_capture"));
