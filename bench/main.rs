@@ -407,7 +407,7 @@ fn capture_cluster() -> (Cluster, Client) {
 /// `INSERT ... SELECT` (the broker is away and captured messages stay in
 /// the slot meanwhile: only the writing is timed).
 fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
-    let (cl, mut c) = capture_cluster();
+    let (_cluster, mut c) = capture_cluster();
     let n = sizes.writes;
     // (trigger, capture): none; the table; the WAL.
     let variants = [("", "table"), ("table", "table"), ("wal", "wal")];
