@@ -318,7 +318,12 @@ impl Publisher {
             self.gone = true;
             return Duration::ZERO;
         }
-        let wal_behind = self.wal_peeked.is_none_or(|t| t.elapsed() >= poll) && self.wal.behind();
+        // A commit since the slot's last look: a captured message may wait
+        // (the table's look may have taken the commit's wake-up).
+        let wal_commit = self.wal.is_ready()
+            && self.wal_commits != Some(crate::shmem::mine().commits.load(Ordering::Acquire));
+        let wal_behind = wal_commit
+            || (self.wal_peeked.is_none_or(|t| t.elapsed() >= poll) && self.wal.behind());
         if self.idle && !self.should_look(poll) && !wal_behind {
             return self.idle_wait(poll);
         }

@@ -24,8 +24,9 @@ use crate::capture::{self, Captured};
 use crate::stomp::client::{Connection, StompError};
 
 /// Rows one peek asks for (complete transactions: PostgreSQL stops after
-/// the transaction that reaches it).
-const PEEK_ROWS: i64 = 2000;
+/// the transaction that reaches it). Each look decodes again from the
+/// slot's restart point, so a drain takes big looks.
+const PEEK_ROWS: i64 = 10_000;
 /// How often a database without its slot looks whether it can make it.
 const SLOT_RETRY: Duration = Duration::from_secs(60);
 
@@ -353,6 +354,11 @@ impl Wal {
             Ok(Some(_)) => log!("outbox publisher: dropped slot \"{slot}\""),
             Err(e) => warning!("outbox publisher: could not drop slot \"{slot}\": {e}"),
         }
+    }
+
+    /// The slot exists and is read.
+    pub fn is_ready(&self) -> bool {
+        self.ready
     }
 
     /// Whether WAL was written since the last complete peek (cheap: no
