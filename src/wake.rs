@@ -72,6 +72,10 @@ pub fn arm() {
 /// The `outbox.database` setting, when it does not name the current
 /// database (worked out again only when the setting changes: a reload).
 fn serving_other_database() -> Option<String> {
+    // Served: the launcher says so in the entry (no setting to read).
+    if here().is_some_and(|d| d.served.load(Ordering::Acquire)) {
+        return None;
+    }
     thread_local! {
         static ANSWER: std::cell::RefCell<Option<(String, bool)>> = const { std::cell::RefCell::new(None) };
     }

@@ -115,11 +115,22 @@ pub fn pin_search_path() {
     }
 }
 
+/// The first column of the first row of a read-only statement. pgrx's
+/// `Spi::get_one_with_args` runs statements as writes, which gives the
+/// transaction an id: a worker's look would burn one (and write a commit
+/// record), and PostgreSQL makes no slot in such a transaction.
+fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> pgrx::spi::Result<Option<T>> {
+    pgrx::spi::Spi::connect(|c| c.select(sql, Some(1), args)?.first().get_one::<T>())
+}
+
 /// Whether the extension's table `outbox.<name>` exists in this database
 /// (the extension may not be created yet, or may have been dropped). Runs
 /// inside the caller's transaction.
 pub fn table_exists(name: &str) -> bool {
-    pgrx::spi::Spi::get_one_with_args::<bool>(
+    read_one::<bool>(
         "SELECT pg_catalog.to_regclass(pg_catalog.format('outbox.%I', $1::text)) IS NOT NULL",
         &[pgrx::datum::DatumWithOid::from(name)],
     )

@@ -96,7 +96,7 @@ impl Wal {
         }
         let slot = self.slot.clone();
         let found = BackgroundWorker::transaction(|| {
-            read_one::<String>(
+            super::read_one::<String>(
                 "SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
                 &[DatumWithOid::from(slot.as_str())],
             )
@@ -138,7 +138,7 @@ impl Wal {
                     let sql = "SELECT 1 FROM pg_catalog.pg_create_logical_replication_slot($1, $2, false, false, true)";
                     // A read-only statement: a write would give the
                     // transaction an id, and PostgreSQL makes no slot in one.
-                    read_one::<i32>(
+                    super::read_one::<i32>(
                         sql,
                         &[
                             DatumWithOid::from(slot.as_str()),
@@ -310,7 +310,7 @@ impl Wal {
     fn look_again(&mut self) {
         let slot = self.slot.clone();
         let state = super::tx::transaction(|| {
-            read_one::<String>(
+            super::read_one::<String>(
                 "SELECT coalesce(wal_status, '') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
                 &[DatumWithOid::from(slot.as_str())],
             )
@@ -338,7 +338,7 @@ impl Wal {
         let slot = self.slot.clone();
         // Whether this publisher made it or an earlier one did.
         let dropped = super::tx::transaction(|| {
-            read_one::<i32>(
+            super::read_one::<i32>(
                 "SELECT 1 FROM pg_catalog.pg_replication_slots s, \
                    LATERAL pg_catalog.pg_drop_replication_slot(s.slot_name) \
                  WHERE s.slot_name = $1 AND s.plugin = $2",
@@ -475,7 +475,7 @@ impl Wal {
         let lsn = format!("{:X}/{:X}", to >> 32, to & 0xffff_ffff);
         let moved = super::tx::transaction(|| {
             // Read-only, as the slot functions want (see `prepare`).
-            read_one::<i64>(
+            super::read_one::<i64>(
                 "SELECT count(*) FROM (SELECT pg_catalog.pg_replication_slot_advance(slot_name, $2::pg_catalog.pg_lsn) \
                  FROM pg_catalog.pg_replication_slots \
                  WHERE slot_name = $1 AND confirmed_flush_lsn OPERATOR(pg_catalog.<) $2::pg_catalog.pg_lsn) AS moved",
@@ -507,16 +507,6 @@ fn release_slot() {
             pg_sys::ReplicationSlotRelease();
         }
     }
-}
-
-/// The first column of the first row of a read-only statement. (pgrx's
-/// `Spi::get_one_with_args` runs statements as writes, which gives the
-/// transaction an id: PostgreSQL then refuses to make a slot.)
-fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
-    sql: &str,
-    args: &[DatumWithOid],
-) -> pgrx::spi::Result<Option<T>> {
-    Spi::connect(|c| c.select(sql, Some(1), args)?.first().get_one::<T>())
 }
 
 /// Lets this session use the extension as an output plugin where

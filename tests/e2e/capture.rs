@@ -77,6 +77,30 @@ fn wait_caught_up(c: &mut Client, mark: &str) {
     });
 }
 
+/// `n` transactions of 100 captured messages each to `d`; their ids.
+fn publish_batches(c: &mut Client, d: &str, n: i32) -> HashSet<String> {
+    let mut sent = HashSet::new();
+    for t in 0..n {
+        let r = c
+            .query(
+                "SELECT outbox.publish($1, to_jsonb(g))::text FROM generate_series($2::int, $2::int + 99) g",
+                &[&d, &(t * 100)],
+            )
+            .unwrap();
+        sent.extend(r.iter().map(|r| r.get::<_, String>(0)));
+    }
+    sent
+}
+
+/// `ALTER SYSTEM SET` each `name = value` (one statement each: it runs in
+/// no transaction block), then a reload.
+fn alter_system(c: &mut Client, settings: &[&str]) {
+    for s in settings {
+        c.batch_execute(&format!("ALTER SYSTEM SET {s}")).unwrap();
+    }
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
 fn ids(frames: &[outbox_pg_e2e::broker::stomp::frame::Frame]) -> Vec<String> {
     frames
         .iter()
@@ -278,16 +302,7 @@ fn an_immediate_stop_mid_delivery_loses_no_captured_message() {
     let d = format!("/topic/{}", unique("walcrash"));
     let mut sub = Subscriber::new(&d);
     let mut c = wal_client(&cl);
-    let mut sent = HashSet::new();
-    for t in 0..20 {
-        let r = c
-            .query(
-                "SELECT outbox.publish($1, to_jsonb(g))::text FROM generate_series($2::int, $2::int + 99) g",
-                &[&d, &(t * 100)],
-            )
-            .unwrap();
-        sent.extend(r.iter().map(|r| r.get::<_, String>(0)));
-    }
+    let sent = publish_batches(&mut c, &d, 20);
     // Stopped at once while it drains, started again.
     let first = sub.next(Duration::from_secs(10)).expect("delivery started");
     cl.restart("immediate");
@@ -343,20 +358,23 @@ fn a_promotion_keeps_captured_messages_where_the_slot_is_synchronized() {
     }
     // Slot synchronization needs a database in primary_conninfo, and the
     // primary waits for the standby's slot before decoding past it.
-    s.batch_execute(&format!(
-        "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'",
-        primary.port
-    ))
-    .unwrap();
-    s.batch_execute("ALTER SYSTEM SET sync_replication_slots = on")
-        .unwrap();
-    s.batch_execute("SELECT pg_reload_conf()").unwrap();
-    p.batch_execute(&format!(
-        "ALTER SYSTEM SET synchronized_standby_slots = 'standby_{}'",
-        standby.port
-    ))
-    .unwrap();
-    p.batch_execute("SELECT pg_reload_conf()").unwrap();
+    alter_system(
+        &mut s,
+        &[
+            &format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'",
+                primary.port
+            ),
+            "sync_replication_slots = on",
+        ],
+    );
+    alter_system(
+        &mut p,
+        &[&format!(
+            "synchronized_standby_slots = 'standby_{}'",
+            standby.port
+        )],
+    );
     // Persisted once the primary's slot moved past the standby's start
     // (a running-transactions record comes every 15 s at most).
     wait_for("the slot on the standby", Duration::from_secs(90), || {
@@ -366,31 +384,18 @@ fn a_promotion_keeps_captured_messages_where_the_slot_is_synchronized() {
         )
         .unwrap()
     });
-    p.batch_execute("ALTER SYSTEM SET outbox.stomp_hosts = '127.0.0.1:1'")
-        .unwrap();
-    p.batch_execute("SELECT pg_reload_conf()").unwrap();
+    alter_system(&mut p, &["outbox.stomp_hosts = '127.0.0.1:1'"]);
     std::thread::sleep(Duration::from_secs(1));
     let d = format!("/topic/{}", unique("walfailover"));
     let mut sub = Subscriber::new(&d);
     let mut c = wal_client(&primary);
-    let mut sent = HashSet::new();
-    for t in 0..5 {
-        let r = c
-            .query(
-                "SELECT outbox.publish($1, to_jsonb(g))::text FROM generate_series($2::int, $2::int + 99) g",
-                &[&d, &(t * 100)],
-            )
-            .unwrap();
-        sent.extend(r.iter().map(|r| r.get::<_, String>(0)));
-    }
+    let sent = publish_batches(&mut c, &d, 5);
     standby.wait_replayed(&primary, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
     stop(&primary, "immediate");
     standby.promote();
     let mut s = standby.client();
-    s.batch_execute("ALTER SYSTEM SET outbox.stomp_hosts = '127.0.0.1:61613'")
-        .unwrap();
-    s.batch_execute("SELECT pg_reload_conf()").unwrap();
+    alter_system(&mut s, &["outbox.stomp_hosts = '127.0.0.1:61613'"]);
     let got: HashSet<String> = ids(&sub.take(sent.len(), Duration::from_secs(60)))
         .into_iter()
         .collect();

@@ -48,10 +48,13 @@ fn workers(c: &mut Client, kind: &str, db: &str) -> i64 {
     .get(0)
 }
 
-fn wait_workers(c: &mut Client, kind: &str, db: &str, n: i64, within: Duration) {
-    wait_for(&format!("{n} {kind} in {db}"), within, || {
-        (workers(c, kind, db) == n).then_some(())
-    });
+/// Waits (15 s at most) until `n` workers of a kind run in `db`.
+fn wait_workers(c: &mut Client, kind: &str, db: &str, n: i64) {
+    wait_for(
+        &format!("{n} {kind} in {db}"),
+        Duration::from_secs(15),
+        || (workers(c, kind, db) == n).then_some(()),
+    );
 }
 
 fn subscribe(cl: &Cluster, db: &str, name: &str, destination: &str) {
@@ -65,6 +68,16 @@ fn subscribe(cl: &Cluster, db: &str, name: &str, destination: &str) {
     wait_for(&line, Duration::from_secs(15), || {
         cl.log().contains(&line).then_some(())
     });
+}
+
+/// Creates `db` served, with a consumer of a fresh topic (returned) and
+/// its publisher running.
+fn serve_with_consumer(cl: &Cluster, db: &str) -> String {
+    create_served(cl, db);
+    let d = format!("/topic/{}", unique(db));
+    subscribe(cl, db, &format!("in-{db}"), &d);
+    wait_workers(&mut cl.client(), "outbox publisher", db, 1);
+    d
 }
 
 /// The `seq` of every effect, in the order the callback ran.
@@ -94,13 +107,7 @@ fn three_databases_are_served_at_once_each_in_its_own_order() {
     let dbs = ["postgres", "alpha", "beta"];
     let mut admin = cl.client();
     for db in dbs {
-        wait_workers(
-            &mut admin,
-            "outbox publisher",
-            db,
-            1,
-            Duration::from_secs(15),
-        );
+        wait_workers(&mut admin, "outbox publisher", db, 1);
     }
     // Each database consumes what the next one publishes.
     let tag = unique("multi");
@@ -182,13 +189,7 @@ fn star_serves_a_database_once_the_extension_is_created_there() {
     let _b = broker::shared_broker();
     let cl = cluster("*", &[]);
     let mut admin = cl.client();
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "postgres",
-        1,
-        Duration::from_secs(15),
-    );
+    wait_workers(&mut admin, "outbox publisher", "postgres", 1);
     cl.execute("postgres", "CREATE DATABASE gamma");
     // No extension there: no worker stays.
     std::thread::sleep(Duration::from_secs(2));
@@ -196,13 +197,7 @@ fn star_serves_a_database_once_the_extension_is_created_there() {
 
     let started = Instant::now();
     install(&cl, "gamma");
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "gamma",
-        1,
-        Duration::from_secs(10),
-    );
+    wait_workers(&mut admin, "outbox publisher", "gamma", 1);
     let picked_up = started.elapsed();
     let d = format!("/topic/{}", unique("star"));
     let mut sub = Subscriber::new(&d);
@@ -216,29 +211,11 @@ fn star_serves_a_database_once_the_extension_is_created_there() {
     // DROP EXTENSION stops that database's workers, consumers too.
     subscribe(&cl, "gamma", "g", &format!("/topic/{}", unique("star-in")));
     cl.execute("gamma", "DROP EXTENSION outbox_pg CASCADE");
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "gamma",
-        0,
-        Duration::from_secs(10),
-    );
-    wait_workers(
-        &mut admin,
-        "outbox consumer",
-        "gamma",
-        0,
-        Duration::from_secs(10),
-    );
+    wait_workers(&mut admin, "outbox publisher", "gamma", 0);
+    wait_workers(&mut admin, "outbox consumer", "gamma", 0);
     // And another CREATE EXTENSION brings them back.
     cl.execute("gamma", "CREATE EXTENSION outbox_pg");
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "gamma",
-        1,
-        Duration::from_secs(10),
-    );
+    wait_workers(&mut admin, "outbox publisher", "gamma", 1);
     assert_eq!(workers(&mut admin, "outbox publisher", "postgres"), 1);
 }
 
@@ -246,17 +223,8 @@ fn star_serves_a_database_once_the_extension_is_created_there() {
 fn a_served_database_is_dropped_while_its_workers_run_and_served_again() {
     let _b = broker::shared_broker();
     let cl = cluster("postgres, delta", &[]);
-    create_served(&cl, "delta");
-    let d = format!("/topic/{}", unique("drop"));
-    subscribe(&cl, "delta", "in-delta", &d);
+    let d = serve_with_consumer(&cl, "delta");
     let mut admin = cl.client();
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "delta",
-        1,
-        Duration::from_secs(10),
-    );
     {
         // Busy: messages on their way in and out while the drop comes.
         let mut c = cl.connect("delta", "postgres");
@@ -281,13 +249,7 @@ fn a_served_database_is_dropped_while_its_workers_run_and_served_again() {
 
     // Created again: served again.
     create_served(&cl, "delta");
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "delta",
-        1,
-        Duration::from_secs(10),
-    );
+    wait_workers(&mut admin, "outbox publisher", "delta", 1);
     let d2 = format!("/topic/{}", unique("drop-again"));
     let mut sub = Subscriber::new(&d2);
     publish(&mut cl.connect("delta", "postgres"), &d2, r#"{"seq": 7}"#);
@@ -302,13 +264,7 @@ fn a_missing_database_is_logged_once_and_served_once_created() {
     let _b = broker::shared_broker();
     let cl = cluster("postgres, nosuch", &[]);
     let mut admin = cl.client();
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "postgres",
-        1,
-        Duration::from_secs(15),
-    );
+    wait_workers(&mut admin, "outbox publisher", "postgres", 1);
     let line = "outbox.database names \"nosuch\", which does not exist";
     wait_for(line, Duration::from_secs(10), || {
         cl.log().contains(line).then_some(())
@@ -328,13 +284,7 @@ fn a_missing_database_is_logged_once_and_served_once_created() {
         "{log}"
     );
     create_served(&cl, "nosuch");
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "nosuch",
-        1,
-        Duration::from_secs(12),
-    );
+    wait_workers(&mut admin, "outbox publisher", "nosuch", 1);
 }
 
 #[test]
@@ -354,27 +304,9 @@ fn a_reload_changes_the_databases_served() {
     assert_eq!(workers(&mut admin, "outbox publisher", "epsilon"), 0);
 
     cl.set(&["outbox.database = 'epsilon'"]);
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "epsilon",
-        1,
-        Duration::from_secs(10),
-    );
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "postgres",
-        0,
-        Duration::from_secs(10),
-    );
-    wait_workers(
-        &mut admin,
-        "outbox consumer",
-        "postgres",
-        0,
-        Duration::from_secs(10),
-    );
+    wait_workers(&mut admin, "outbox publisher", "epsilon", 1);
+    wait_workers(&mut admin, "outbox publisher", "postgres", 0);
+    wait_workers(&mut admin, "outbox consumer", "postgres", 0);
     // A message written where nothing serves now says so, and waits.
     let d = format!("/topic/{}", unique("reload-out"));
     let mut sub = Subscriber::new(&d);
@@ -388,13 +320,7 @@ fn a_reload_changes_the_databases_served() {
         sub.next(Duration::from_secs(10)).is_some(),
         "the waiting message"
     );
-    wait_workers(
-        &mut admin,
-        "outbox consumer",
-        "postgres",
-        1,
-        Duration::from_secs(10),
-    );
+    wait_workers(&mut admin, "outbox consumer", "postgres", 1);
     assert_eq!(cl.log().matches("outbox launcher started").count(), 1);
 }
 
@@ -440,13 +366,7 @@ fn running_out_of_worker_slots_is_logged_and_shown() {
         publisher.is_some_and(|e| e.contains("raise max_worker_processes")),
         "the publisher's last_error"
     );
-    wait_workers(
-        &mut c,
-        "outbox consumer",
-        "postgres",
-        1,
-        Duration::from_secs(10),
-    );
+    wait_workers(&mut c, "outbox consumer", "postgres", 1);
     assert!(cl.log().contains("raise max_worker_processes"));
 }
 
@@ -482,17 +402,8 @@ mod serde_like {
 fn a_drop_database_that_fails_leaves_the_database_served() {
     let _b = broker::shared_broker();
     let cl = cluster("postgres, zeta", &[]);
-    create_served(&cl, "zeta");
-    let d = format!("/topic/{}", unique("nodrop"));
-    subscribe(&cl, "zeta", "in-zeta", &d);
+    let d = serve_with_consumer(&cl, "zeta");
     let mut admin = cl.client();
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "zeta",
-        1,
-        Duration::from_secs(10),
-    );
     let publisher = |c: &mut Client| -> i32 {
         c.query_one(
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox publisher' AND datname = 'zeta'",
@@ -516,20 +427,8 @@ fn a_drop_database_that_fails_leaves_the_database_served() {
     let _holder = cl.connect("zeta", "postgres");
     let e = admin.batch_execute("DROP DATABASE zeta").unwrap_err();
     assert_eq!(outbox_pg_e2e::cluster::sqlstate(&e), "55006", "{e:?}");
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "zeta",
-        1,
-        Duration::from_secs(15),
-    );
-    wait_workers(
-        &mut admin,
-        "outbox consumer",
-        "zeta",
-        1,
-        Duration::from_secs(15),
-    );
+    wait_workers(&mut admin, "outbox publisher", "zeta", 1);
+    wait_workers(&mut admin, "outbox consumer", "zeta", 1);
     let mut c = cl.connect("zeta", "postgres");
     for seq in 0..20 {
         publish(&mut c, &d, &format!(r#"{{"seq": {seq}}}"#));
@@ -562,18 +461,6 @@ fn more_databases_than_entries_without_the_extension_crowd_out_nothing() {
         probes(&cl)
     );
     install(&cl, "crowd_35");
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "crowd_35",
-        1,
-        Duration::from_secs(12),
-    );
-    wait_workers(
-        &mut admin,
-        "outbox publisher",
-        "postgres",
-        1,
-        Duration::from_secs(5),
-    );
+    wait_workers(&mut admin, "outbox publisher", "crowd_35", 1);
+    wait_workers(&mut admin, "outbox publisher", "postgres", 1);
 }

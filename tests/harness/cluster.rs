@@ -58,6 +58,24 @@ pub fn root_command(program: &str) -> Command {
     }
 }
 
+/// A new temp folder the server user owns (for a data directory, a
+/// socket and a log).
+pub(crate) fn server_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(crate::unique(prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        check(
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dir)
+                .output()
+                .unwrap(),
+            "chown",
+        );
+    }
+    dir
+}
+
 pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().unwrap().port()
@@ -86,18 +104,7 @@ impl Cluster {
     /// Starts a cluster with exactly these extra settings; creates nothing.
     pub fn init(settings: &[&str]) -> Cluster {
         let bindir = pg_config_value("--bindir");
-        let dir = std::env::temp_dir().join(crate::unique("outbox_pg_e2e"));
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            check(
-                Command::new("chown")
-                    .args(["postgres:postgres"])
-                    .arg(&dir)
-                    .output()
-                    .unwrap(),
-                "chown",
-            );
-        }
+        let dir = server_dir("outbox_pg_e2e");
         let data = dir.join("data");
         check(
             server_command(&bindir.join("initdb"))

@@ -15,10 +15,9 @@
 //! `shared_preload_libraries = 'outbox_pg'` too) as it was at the backup.
 
 use std::ops::Deref;
-use std::process::Command;
 use std::time::Duration;
 
-use crate::cluster::{Cluster, check, free_port, is_root, server_command};
+use crate::cluster::{Cluster, check, free_port, server_command, server_dir};
 
 pub struct Standby {
     cluster: Cluster,
@@ -35,18 +34,7 @@ impl Standby {
     /// A hot standby of `primary`, streaming from it, with `settings`
     /// (`name = value` lines) added to its postgresql.conf.
     pub fn of(primary: &Cluster, settings: &[&str]) -> Standby {
-        let dir = std::env::temp_dir().join(crate::unique("outbox_pg_e2e_standby"));
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            check(
-                Command::new("chown")
-                    .args(["postgres:postgres"])
-                    .arg(&dir)
-                    .output()
-                    .unwrap(),
-                "chown",
-            );
-        }
+        let dir = server_dir("outbox_pg_e2e_standby");
         let port = free_port();
         // Made now, so that its Drop cleans up whatever happens next.
         let cluster = Cluster::adopt(dir.clone(), port);
