@@ -116,7 +116,7 @@ pub fn write(m: &Message) -> uuid::Uuid {
             body: unsafe { crate::fmgr::jsonb_text(m.body) },
             version: m.version.map(str::to_string),
         });
-        crate::wake::arm();
+        crate::wake::arm_captured();
         return id;
     }
     unsafe {

@@ -55,6 +55,9 @@ pub struct Db {
     pub commits: AtomicU64,
     /// Commits the publisher has already looked at.
     pub commits_seen: AtomicU64,
+    /// Commits of transactions that captured messages in the WAL, since
+    /// start (a subset of `commits`).
+    pub captures: AtomicU64,
     /// The publisher's latch was set and it has not looked since: later
     /// commits need not set it again (a burst of commits costs one wake-up,
     /// and none while the publisher is busy or backing off).

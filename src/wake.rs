@@ -18,6 +18,7 @@ use crate::shmem::{SLOTS, here, mine, my_db, preloaded, shared};
 
 thread_local! {
     static ARMED: Cell<bool> = const { Cell::new(false) };
+    static CAPTURED: Cell<bool> = const { Cell::new(false) };
     static CALLBACK: Cell<bool> = const { Cell::new(false) };
     static SUBSCRIPTIONS_CHANGED: Cell<bool> = const { Cell::new(false) };
     static INSTALLED: Cell<bool> = const { Cell::new(false) };
@@ -67,6 +68,14 @@ pub fn arm() {
             "outbox.database is \"{serving}\": no worker delivers messages written in this database"
         );
     }
+}
+
+/// Marks the current transaction as having captured messages in the WAL:
+/// at commit the publisher also looks at its slot (a commit that only
+/// wrote rows does not make it decode the WAL).
+pub fn arm_captured() {
+    arm();
+    CAPTURED.with(|c| c.set(true));
 }
 
 /// The `outbox.database` setting, when it does not name the current
@@ -183,6 +192,11 @@ unsafe extern "C-unwind" fn at_xact_end(
                 set_latch_of(shared.publisher_pid.load(Ordering::Acquire));
             }
             if ARMED.with(|a| a.replace(false)) {
+                if CAPTURED.with(|c| c.replace(false))
+                    && let Some(shared) = here()
+                {
+                    shared.captures.fetch_add(1, Ordering::AcqRel);
+                }
                 wake_publisher();
             }
         }
@@ -190,6 +204,7 @@ unsafe extern "C-unwind" fn at_xact_end(
         // poll finds its rows.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             ARMED.with(|a| a.set(false));
+            CAPTURED.with(|c| c.set(false));
             // A rolled-back subscribe changed nothing.
             SUBSCRIPTIONS_CHANGED.with(|c| c.set(false));
             INSTALLED.with(|c| c.set(false));

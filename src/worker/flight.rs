@@ -13,6 +13,20 @@
 //! unit, or when, the connection surviving, it is the one frame left
 //! unreceipted per ERROR; otherwise its fate is *unknown* (the publisher
 //! then isolates it). Nothing here touches PostgreSQL.
+//!
+//! A transaction's SENDs are followed by a *marker*: an empty transaction
+//! begun with a receipt and aborted. The broker handles a connection's
+//! frames in order, so the marker's receipt says that every SEND before it
+//! was taken, and an ERROR naming nothing that comes before it (ActiveMQ's
+//! answer to a refused SEND without a receipt) belongs to that
+//! transaction. A receipt on each SEND would say the same, but ActiveMQ
+//! then handles them one at a time (a third of the pace). A transaction is
+//! *committed* once its marker came back and every earlier transaction of
+//! the window was committed: COMMITs stay pipelined, yet nothing after a
+//! refused SEND is committed. A transaction that had one is *doomed*: it
+//! and every later one still open are *aborted*; the doomed one's rows are
+//! then isolated (the refused row is charged alone), the others' are sent
+//! again in order.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -43,6 +57,33 @@ impl Style {
     }
 }
 
+/// Where a STOMP transaction of a flight stands.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum TxState {
+    /// BEGIN, SENDs and marker written; the marker's receipt owed.
+    Open,
+    /// Its marker came back: every SEND was taken.
+    Marked,
+    /// COMMIT written, its receipt owed.
+    Committing,
+    /// ABORT written, its receipt owed.
+    Aborting,
+    /// Its COMMIT or ABORT was answered.
+    Done,
+}
+
+/// One STOMP transaction of a flight.
+#[derive(Debug)]
+struct Tx {
+    seq: u64,
+    /// Its rows.
+    ids: Vec<i64>,
+    /// An ERROR naming nothing came before its marker: one of its SENDs
+    /// was refused, it must not be committed.
+    doomed: bool,
+    state: TxState,
+}
+
 /// One flight (see the module header).
 #[derive(Default, Debug)]
 pub struct Flight {
@@ -66,6 +107,10 @@ pub struct Flight {
     /// confirms nothing (a broker may commit the rest of a transaction
     /// whose SEND it refused).
     tainted: HashSet<String>,
+    /// Its STOMP transactions, in the order sent (none on RabbitMQ).
+    txs: Vec<Tx>,
+    /// Some transaction of it was aborted: its rows go out again.
+    pub aborted: bool,
 }
 
 impl Flight {
@@ -90,6 +135,8 @@ impl Flight {
                 }
             }
             Style::Transactions(n) => {
+                // The COMMITs go out from `advance`, as the markers come
+                // back.
                 let mut rows = rows.into_iter().peekable();
                 while rows.peek().is_some() {
                     *seq += 1;
@@ -100,13 +147,22 @@ impl Flight {
                         conn.queue(&frame.header("transaction", tx.as_str()))?;
                         ids.push(id);
                     }
-                    let receipt = format!("c-{seq}");
+                    let marker = format!("m-{seq}");
                     conn.queue(
-                        &Frame::new(Command::Commit)
-                            .header("transaction", tx.as_str())
-                            .header("receipt", receipt.as_str()),
+                        &Frame::new(Command::Begin)
+                            .header("transaction", marker.as_str())
+                            .header("receipt", marker.as_str()),
                     )?;
-                    f.add_unit(receipt, ids);
+                    conn.queue(&Frame::new(Command::Abort).header("transaction", marker.as_str()))?;
+                    f.pending.insert(marker);
+                    f.rows.extend_from_slice(&ids);
+                    f.units.insert(format!("c-{seq}"), ids.clone());
+                    f.txs.push(Tx {
+                        seq: *seq,
+                        ids,
+                        doomed: false,
+                        state: TxState::Open,
+                    });
                 }
             }
         }
@@ -120,23 +176,64 @@ impl Flight {
         self.units.insert(receipt, ids);
     }
 
-    /// An ERROR naming nothing came: the transactions still owed a receipt
-    /// may hold the refused SEND.
+    /// An ERROR naming nothing came and no transaction's marker was owed:
+    /// the transactions being committed may hold the refused SEND.
     fn taint(&mut self) {
-        if !self.single {
-            self.tainted.extend(self.pending.iter().cloned());
+        for tx in &self.txs {
+            if tx.state == TxState::Committing {
+                self.tainted.insert(format!("c-{}", tx.seq));
+            }
         }
     }
 
-    /// Every receipt came (or was answered by an ERROR).
+    /// Charges an ERROR naming nothing to the first transaction whose
+    /// marker is owed (the broker answers in order); false if none is.
+    fn doom_first_open(&mut self) -> bool {
+        match self.txs.iter_mut().find(|t| t.state == TxState::Open) {
+            Some(tx) => {
+                tx.doomed = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every receipt came (or was answered by an ERROR), every transaction
+    /// was committed or aborted.
     pub fn settled(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && self.txs.iter().all(|t| t.state == TxState::Done)
     }
 
     /// Takes a receipt or ERROR meant for this flight; false if not ours.
     fn take(&mut self, receipt: &str, error: Option<&str>) -> bool {
         if !self.pending.remove(receipt) {
             return false;
+        }
+        if let Some(seq) = receipt.strip_prefix("m-") {
+            if let Some(tx) = self.txs.iter_mut().find(|t| t.seq.to_string() == seq) {
+                if error.is_some() {
+                    // The marker itself refused: nothing says its SENDs
+                    // were taken.
+                    tx.doomed = true;
+                }
+                if tx.state == TxState::Open {
+                    tx.state = TxState::Marked;
+                }
+            }
+            return true;
+        }
+        if let Some(seq) = receipt.strip_prefix("a-") {
+            // An ABORT answered (an ERROR too: the broker may have ended
+            // the transaction itself). Its rows are simply missing.
+            if let Some(tx) = self.txs.iter_mut().find(|t| t.seq.to_string() == seq) {
+                tx.state = TxState::Done;
+            }
+            return true;
+        }
+        if let Some(seq) = receipt.strip_prefix("c-")
+            && let Some(tx) = self.txs.iter_mut().find(|t| t.seq.to_string() == seq)
+        {
+            tx.state = TxState::Done;
         }
         let ids = &self.units[receipt];
         match error {
@@ -165,19 +262,141 @@ impl Flight {
     }
 }
 
+/// Writes what the transactions of `flights` (in order) are ready for: a
+/// COMMIT for each whose marker came back, as long as every one before it
+/// was committed; an ABORT for a doomed one, and for every later one not
+/// committed (nothing after a refused row may reach a queue before it is
+/// sent again). A doomed transaction's rows become unknown (isolated).
+fn advance(conn: &mut Connection, flights: &mut [Flight]) -> Result<(), StompError> {
+    let mut blocked = false;
+    let mut aborting = false;
+    let mut wrote = false;
+    for f in flights.iter_mut() {
+        for tx in f
+            .txs
+            .iter_mut()
+            .filter(|t| matches!(t.state, TxState::Open | TxState::Marked))
+        {
+            let name = format!("t-{}", tx.seq);
+            if aborting || tx.doomed {
+                if tx.doomed {
+                    f.unknown.extend_from_slice(&tx.ids);
+                }
+                let receipt = format!("a-{}", tx.seq);
+                conn.queue(
+                    &Frame::new(Command::Abort)
+                        .header("transaction", name.as_str())
+                        .header("receipt", receipt.as_str()),
+                )?;
+                f.pending.insert(receipt);
+                tx.state = TxState::Aborting;
+                f.aborted = true;
+                aborting = true;
+                wrote = true;
+            } else if !blocked && tx.state == TxState::Marked {
+                let receipt = format!("c-{}", tx.seq);
+                conn.queue(
+                    &Frame::new(Command::Commit)
+                        .header("transaction", name.as_str())
+                        .header("receipt", receipt.as_str()),
+                )?;
+                f.pending.insert(receipt);
+                tx.state = TxState::Committing;
+                wrote = true;
+            } else {
+                blocked = true;
+            }
+        }
+    }
+    if wrote {
+        conn.flush()?;
+    }
+    Ok(())
+}
+
+/// Reads one frame (waiting at most `wait`) into `flights`: Ok(None) when
+/// none came, Ok(Some(true)) for an ERROR. Frames that belong to no
+/// flight go to `other`.
+fn read_into(
+    conn: &mut Connection,
+    flights: &mut [Flight],
+    wait: Duration,
+    other: &mut Vec<Frame>,
+) -> Result<Option<bool>, StompError> {
+    match conn.read_frame(wait) {
+        Ok(Some(f)) if f.command == Command::Receipt => {
+            let id = f.get("receipt-id").unwrap_or_default();
+            if !flights.iter_mut().any(|fl| fl.take(id, None)) {
+                other.push(f);
+            }
+            Ok(Some(false))
+        }
+        Ok(Some(f)) => {
+            other.push(f);
+            Ok(Some(false))
+        }
+        Ok(None) => Ok(None),
+        Err(e @ StompError::Broker { .. }) => {
+            let why = e.to_string();
+            let named = match &e {
+                StompError::Broker {
+                    receipt_id: Some(r),
+                    ..
+                } => flights.iter_mut().any(|fl| fl.take(r, Some(&why))),
+                _ => false,
+            };
+            if !named && !flights.iter_mut().any(Flight::doom_first_open) {
+                flights.iter_mut().for_each(Flight::taint);
+                if let Some(first) = flights.first_mut() {
+                    first.unattributed.push(why);
+                }
+            }
+            Ok(Some(true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the broker's answers already read, without waiting, and writes
+/// the COMMITs they allow: called before a new flight goes out, so the
+/// broker is not kept waiting for a COMMIT while the database works.
+pub fn take_ready(conn: &mut Connection, flights: &mut [Flight]) -> Result<(), StompError> {
+    let mut other = Vec::new();
+    let result = loop {
+        match read_into(conn, flights, Duration::ZERO, &mut other) {
+            Ok(Some(_)) => {}
+            Ok(None) => break advance(conn, flights),
+            Err(e) => break Err(e),
+        }
+    };
+    for f in other.into_iter().rev() {
+        conn.push_back(f);
+    }
+    result
+}
+
 /// Reads the broker's answers into `flights` until the first is settled —
-/// or, once any ERROR came, until all are (at most `ERROR_GRACE` more).
-/// Frames that belong to no flight are kept for later reads. Err: the
-/// connection is gone (or silent past `timeout`); what came before counts.
+/// or, once any ERROR came or a transaction was aborted, until all are (at
+/// most `ERROR_GRACE` more after an ERROR). Frames that belong to no
+/// flight are kept for later reads. Err: the connection is gone (or
+/// silent past `timeout`); what came before counts.
 pub fn collect(
     conn: &mut Connection,
     flights: &mut [Flight],
     timeout: Duration,
 ) -> Result<(), StompError> {
     let mut deadline = Instant::now() + timeout;
+    if flights.iter().any(|f| !f.unattributed.is_empty()) {
+        deadline = deadline.min(Instant::now() + ERROR_GRACE);
+    }
     let mut other = Vec::new();
     let result = loop {
-        let troubled = flights.iter().any(|f| !f.unattributed.is_empty());
+        if let Err(e) = advance(conn, flights) {
+            break Err(e);
+        }
+        let troubled = flights
+            .iter()
+            .any(|f| !f.unattributed.is_empty() || f.aborted);
         let done = if troubled {
             flights.iter().all(Flight::settled)
         } else {
@@ -187,33 +406,11 @@ pub fn collect(
             break Ok(());
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        match conn.read_frame(left) {
-            Ok(Some(f)) if f.command == Command::Receipt => {
-                let id = f.get("receipt-id").unwrap_or_default();
-                if !flights.iter_mut().any(|fl| fl.take(id, None)) {
-                    other.push(f);
-                }
-            }
-            Ok(Some(f)) => other.push(f),
+        match read_into(conn, flights, left, &mut other) {
+            Ok(Some(false)) => {}
+            Ok(Some(true)) => deadline = deadline.min(Instant::now() + ERROR_GRACE),
             Ok(None) if troubled => break Ok(()),
             Ok(None) => break Err(StompError::Timeout("receipts")),
-            Err(e @ StompError::Broker { .. }) => {
-                let why = e.to_string();
-                let named = match &e {
-                    StompError::Broker {
-                        receipt_id: Some(r),
-                        ..
-                    } => flights.iter_mut().any(|fl| fl.take(r, Some(&why))),
-                    _ => false,
-                };
-                if !named {
-                    flights.iter_mut().for_each(Flight::taint);
-                    if let Some(first) = flights.first_mut() {
-                        first.unattributed.push(why);
-                    }
-                }
-                deadline = deadline.min(Instant::now() + ERROR_GRACE);
-            }
             Err(e) => break Err(e),
         }
     };
@@ -278,6 +475,12 @@ mod tests {
             }
         } else {
             f.add_unit("c-1".into(), ids.to_vec());
+            f.txs.push(Tx {
+                seq: 1,
+                ids: ids.to_vec(),
+                doomed: false,
+                state: TxState::Committing,
+            });
         }
         f
     }
@@ -304,6 +507,27 @@ mod tests {
         let mut f = lone();
         assert!(eliminate(std::slice::from_mut(&mut f), false, true).is_empty());
         assert_eq!(f.refused.len(), 1);
+    }
+
+    #[test]
+    fn an_error_naming_nothing_dooms_the_transaction_whose_marker_is_owed() {
+        let mut f = Flight::default();
+        for seq in 1..=2u64 {
+            f.txs.push(Tx {
+                seq,
+                ids: vec![seq as i64],
+                doomed: false,
+                state: TxState::Open,
+            });
+            f.pending.insert(format!("m-{seq}"));
+        }
+        assert!(f.take("m-1", None));
+        assert!(f.doom_first_open());
+        assert!(!f.txs[0].doomed && f.txs[1].doomed);
+        assert_eq!(f.txs[0].state, TxState::Marked);
+        assert!(f.take("m-2", None));
+        // No marker owed: an ERROR naming nothing dooms nobody.
+        assert!(!f.doom_first_open());
     }
 
     #[test]

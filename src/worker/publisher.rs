@@ -318,10 +318,10 @@ impl Publisher {
             self.gone = true;
             return Duration::ZERO;
         }
-        // A commit since the slot's last look: a captured message may wait
-        // (the table's look may have taken the commit's wake-up).
+        // A capture committed since the slot's last look (the table's
+        // look may have taken the commit's wake-up).
         let wal_commit = self.wal.is_ready()
-            && self.wal_commits != Some(crate::shmem::mine().commits.load(Ordering::Acquire));
+            && self.wal_commits != Some(crate::shmem::mine().captures.load(Ordering::Acquire));
         let wal_behind = wal_commit
             || (self.wal_peeked.is_none_or(|t| t.elapsed() >= poll) && self.wal.behind());
         if self.idle && !self.should_look(poll) && !wal_behind {
@@ -397,13 +397,13 @@ impl Publisher {
         }
     }
 
-    /// Whether to peek at the slot now: commits came since the last peek,
-    /// the last one found messages, or a poll interval passed.
+    /// Whether to peek at the slot now: captures committed since the last
+    /// peek, the last one found messages, or a poll interval passed.
     fn wal_due(&mut self, poll: Duration) -> bool {
         if !self.wal.prepare() {
             return false;
         }
-        let commits = crate::shmem::mine().commits.load(Ordering::Acquire);
+        let commits = crate::shmem::mine().captures.load(Ordering::Acquire);
         let due = self.wal_busy
             || self.wal_commits != Some(commits)
             || self.wal_peeked.is_none_or(|t| t.elapsed() >= poll);
@@ -536,7 +536,10 @@ impl Publisher {
                     )
                 })
                 .collect();
-            match Flight::send(conn, frames, style, &mut self.transactions) {
+            // Answers read meanwhile release their COMMITs first.
+            let sent = flight::take_ready(conn, self.window.make_contiguous())
+                .and_then(|()| Flight::send(conn, frames, style, &mut self.transactions));
+            match sent {
                 Ok(f) => self.window.push_back(f),
                 Err(e) => {
                     // Whatever was written is unconfirmed: sent again.
@@ -565,7 +568,7 @@ impl Publisher {
                 || self
                     .window
                     .iter()
-                    .any(|f| !f.unattributed.is_empty() || !f.unknown.is_empty());
+                    .any(|f| !f.unattributed.is_empty() || !f.unknown.is_empty() || f.aborted);
             let n = if troubled { self.window.len() } else { 1 };
             let mut landed: Vec<Flight> = self.window.drain(..n).collect();
             // A row sent alone whose connection ended with an ERROR: the

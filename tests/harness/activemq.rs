@@ -25,6 +25,32 @@ impl ActiveMq {
     /// Starts one whose STOMP transport takes `options` (URI query
     /// parameters, e.g. `wireFormat.maxFrameSize=20000`).
     pub fn start_with(options: &str) -> ActiveMq {
+        ActiveMq::start_configured(options, "")
+    }
+
+    /// Starts one where user `guest` may write to every queue but those
+    /// named `closed.*`: a SEND there is refused with an ERROR and the
+    /// connection stays open.
+    pub fn start_with_a_closed_queue() -> ActiveMq {
+        ActiveMq::start_configured(
+            "",
+            r#"<plugins>
+      <simpleAuthenticationPlugin anonymousAccessAllowed="false">
+        <users><authenticationUser username="guest" password="guest" groups="users"/></users>
+      </simpleAuthenticationPlugin>
+      <authorizationPlugin><map><authorizationMap><authorizationEntries>
+        <authorizationEntry queue="open.>" read="users" write="users" admin="users"/>
+        <authorizationEntry queue="DLQ.>" read="users" write="users" admin="users"/>
+        <authorizationEntry queue="closed.>" read="users" write="nobody" admin="users"/>
+        <authorizationEntry topic="ActiveMQ.Advisory.>" read="users" write="users" admin="users"/>
+      </authorizationEntries></authorizationMap></map></authorizationPlugin>
+    </plugins>"#,
+        )
+    }
+
+    /// Starts one with transport `options` and `plugins` (the broker's
+    /// `<plugins>` element, or nothing).
+    fn start_configured(options: &str, plugins: &str) -> ActiveMq {
         let jar = format!("{HOME}/bin/activemq.jar");
         assert!(
             std::path::Path::new(&jar).exists(),
@@ -54,6 +80,7 @@ impl ActiveMq {
     http://activemq.apache.org/schema/core http://activemq.apache.org/schema/core/activemq-core.xsd">
   <broker xmlns="http://activemq.apache.org/schema/core" brokerName="outbox-test" useJmx="false"
           persistent="true" dataDirectory="{d}/data">
+    {plugins}
     <destinationPolicy><policyMap><policyEntries>
       <policyEntry queue=">">
         <deadLetterStrategy>
