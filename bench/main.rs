@@ -1202,8 +1202,8 @@ fn consume(sizes: &Sizes, rows: &mut Vec<Row>) {
             rate(n, raw)
         ),
         ratio: format!("{r:.2}×"),
-        target: "≥ 0.5×".into(),
-        ok: Some(r >= 0.5),
+        target: "≥ 0.8×".into(),
+        ok: Some(r >= 0.8),
     });
 }
 

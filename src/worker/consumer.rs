@@ -277,6 +277,10 @@ struct Consumer {
     broker_returns: u64,
     /// `DLQ.<queue>` was declared (by this worker, at a connect).
     dlq_declared: bool,
+    /// The broker takes one ACK for every message before it too (RabbitMQ,
+    /// subscribed with `ack:client`): a batch writes one ACK, not one per
+    /// message.
+    cumulative: bool,
 }
 
 /// How `Consumer::attempt` runs a message: *plainly*, inside the batch's
@@ -327,6 +331,7 @@ impl Consumer {
             calling: Cell::new(None),
             broker_returns: broker_returns(),
             dlq_declared: false,
+            cumulative: false,
         };
         c.check();
         c
@@ -464,8 +469,15 @@ impl Consumer {
         let queue_headers = queue_headers();
         self.batch = batch_size(&queue_headers);
         let dlq_declared = &mut self.dlq_declared;
+        let cumulative = &mut self.cumulative;
         let connected = self.link.connect(
-            |c| subscribe(c, sub, &queue_headers, dlq_declared),
+            |c| {
+                // RabbitMQ's `client` ACK covers the channel's earlier
+                // deliveries, and this connection receives only the
+                // subscription's own (see `give_back`).
+                *cumulative = c.server().is_some_and(|s| s.starts_with("RabbitMQ/"));
+                subscribe(c, sub, &queue_headers, dlq_declared, *cumulative)
+            },
             |host, e| match e {
                 StompError::Broker { message, .. } if message.contains("precondition") => format!(
                     "queue {} exists with other arguments than outbox.stomp_queue_headers and the \
@@ -513,7 +525,7 @@ impl Consumer {
                 };
                 match conn.read_frame(wait)? {
                     Some(f) if is_ours(&f) => pending.push_back(f),
-                    Some(_) => {}
+                    Some(f) => stray(&f, self.cumulative)?,
                     None => break,
                 }
             }
@@ -543,6 +555,11 @@ impl Consumer {
             let _ = super::report_stats();
             let leave = matches!(verdicts.last(), Some(Verdict::Leave));
             let handled_now = verdicts.len();
+            let conn = self.link.conn.as_mut().expect("connected");
+            // Cumulative: the last ACK of a run stands for the run; a NACK
+            // comes after the ACK of everything before it, so it covers
+            // only its own message.
+            let mut run: Option<String> = None;
             for verdict in verdicts {
                 let m = pending.pop_front().expect("a verdict per message");
                 let ack = m
@@ -551,16 +568,28 @@ impl Consumer {
                     .unwrap_or_default()
                     .to_string();
                 let reply = match verdict {
+                    Verdict::Ack if self.cumulative => {
+                        run = Some(ack);
+                        handled += 1;
+                        continue;
+                    }
                     Verdict::Ack => Frame::new(Command::Ack).header("id", ack),
                     Verdict::Retry | Verdict::Leave => continue,
-                    Verdict::DeadLetter => Frame::new(Command::Nack)
-                        .header("id", ack)
-                        .header("requeue", "false"),
+                    Verdict::DeadLetter => {
+                        if let Some(id) = run.take() {
+                            conn.queue(&Frame::new(Command::Ack).header("id", id))?;
+                        }
+                        Frame::new(Command::Nack)
+                            .header("id", ack)
+                            .header("requeue", "false")
+                    }
                 };
-                self.link.conn.as_mut().expect("connected").queue(&reply)?;
+                conn.queue(&reply)?;
                 handled += 1;
             }
-            let conn = self.link.conn.as_mut().expect("connected");
+            if let Some(id) = run {
+                conn.queue(&Frame::new(Command::Ack).header("id", id))?;
+            }
             conn.flush()?;
             self.last_batch = Some((Instant::now(), handled_now));
             if leave {
@@ -941,12 +970,29 @@ fn is_ours(f: &Frame) -> bool {
     f.command == Command::Message && f.get("subscription") == Some("0")
 }
 
+/// A frame that is not the subscription's own MESSAGE. A MESSAGE of
+/// another subscription (a dead letter delivered while the DLQ was
+/// declared) stays unacknowledged until the connection closes, and a
+/// cumulative ACK would take it too: with those, the connection is given
+/// up (the broker puts it back) and made again (the DLQ is not declared
+/// again).
+fn stray(f: &Frame, cumulative: bool) -> Result<(), StompError> {
+    if cumulative && f.command == Command::Message {
+        return Err(StompError::Protocol(format!(
+            "a message of subscription {:?} arrived; connecting again so that the broker keeps it",
+            f.get("subscription").unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 /// SUBSCRIBE as django-outbox-pattern does, after declaring the DLQ.
 fn subscribe(
     c: &mut Connection,
     sub: &Subscription,
     queue_headers: &[(String, String)],
     dlq_declared: &mut bool,
+    cumulative: bool,
 ) -> Result<(), StompError> {
     let dlq = format!("DLQ.{}", sub.queue);
     // Declare the dead-letter queue once per worker: subscribe without
@@ -973,7 +1019,14 @@ fn subscribe(
     let mut frame = Frame::new(Command::Subscribe)
         .header("id", "0")
         .header("destination", &sub.destination)
-        .header("ack", "client-individual")
+        .header(
+            "ack",
+            if cumulative {
+                "client"
+            } else {
+                "client-individual"
+            },
+        )
         .header("x-queue-name", &sub.queue);
     for (k, v) in queue_headers {
         frame = frame.header(k, v);
@@ -1009,7 +1062,8 @@ fn subscribe(
                 c.push_back(f);
                 return Ok(());
             }
-            _ => {}
+            Some(f) => stray(&f, cumulative)?,
+            None => {}
         }
     }
 }

@@ -1085,6 +1085,14 @@ fn a_full_dead_letter_queue_does_not_stop_a_restarted_consumer() {
     );
     let closed = cl.log().matches("Subscription not found").count();
     assert!(closed <= 1, "the broker closed {closed} connections");
+    // The dead letter the new incarnation may have seen while declaring
+    // the DLQ was not taken by the subscription's (cumulative) ACK.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        broker::queue_depth(&format!("DLQ.{q}")),
+        Some(1),
+        "the dead letter stays in DLQ.{q}"
+    );
 }
 
 /// Review: a cancel that reaches a worker outside a callback has nothing
