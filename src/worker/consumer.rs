@@ -553,7 +553,7 @@ impl Consumer {
             });
             self.link.conn = Some(conn);
             let _ = super::report_stats();
-            let leave = matches!(verdicts.last(), Some(Verdict::Leave));
+            let mut leave = matches!(verdicts.last(), Some(Verdict::Leave));
             let handled_now = verdicts.len();
             let conn = self.link.conn.as_mut().expect("connected");
             // Cumulative: the last ACK of a run stands for the run; a NACK
@@ -574,6 +574,15 @@ impl Consumer {
                         continue;
                     }
                     Verdict::Ack => Frame::new(Command::Ack).header("id", ack),
+                    // A message left unacknowledged (tried again later, or
+                    // not handled): a cumulative ACK or NACK after it would
+                    // take it too, so this connection acknowledges nothing
+                    // more; it is given up and the broker delivers again
+                    // from here (the inbox knows what took effect).
+                    Verdict::Retry | Verdict::Leave if self.cumulative => {
+                        leave = true;
+                        break;
+                    }
                     Verdict::Retry | Verdict::Leave => continue,
                     Verdict::DeadLetter => {
                         if let Some(id) = run.take() {

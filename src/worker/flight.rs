@@ -21,9 +21,10 @@
 //! answer to a refused SEND without a receipt) belongs to that
 //! transaction. A receipt on each SEND would say the same, but ActiveMQ
 //! then handles them one at a time (a third of the pace). A transaction is
-//! *committed* once its marker came back and every earlier transaction of
-//! the window was committed: COMMITs stay pipelined, yet nothing after a
-//! refused SEND is committed. A transaction that had one is *doomed*: it
+//! *committed* once its marker came back and the COMMIT before it was
+//! answered; ActiveMQ sends that ERROR from another thread, so it may come
+//! after the marker, but then the transaction is rollback-only and its
+//! COMMIT fails: nothing after a refused SEND is committed either way. A transaction that had one is *doomed*: it
 //! and every later one still open are *aborted*; the doomed one's rows are
 //! then isolated (the refused row is charged alone), the others' are sent
 //! again in order.
@@ -81,6 +82,8 @@ struct Tx {
     /// An ERROR naming nothing came before its marker: one of its SENDs
     /// was refused, it must not be committed.
     doomed: bool,
+    /// Its ABORT was written: every later transaction is aborted too.
+    aborted: bool,
     state: TxState,
 }
 
@@ -161,6 +164,7 @@ impl Flight {
                         seq: *seq,
                         ids,
                         doomed: false,
+                        aborted: false,
                         state: TxState::Open,
                     });
                 }
@@ -204,6 +208,12 @@ impl Flight {
         self.pending.is_empty() && self.txs.iter().all(|t| t.state == TxState::Done)
     }
 
+    /// Something went wrong in it: nothing more is sent until every flight
+    /// has landed (rows after a refused one must not overtake it).
+    pub fn troubled(&self) -> bool {
+        self.aborted || !self.unknown.is_empty() || !self.unattributed.is_empty()
+    }
+
     /// Takes a receipt or ERROR meant for this flight; false if not ours.
     fn take(&mut self, receipt: &str, error: Option<&str>) -> bool {
         if !self.pending.remove(receipt) {
@@ -234,6 +244,12 @@ impl Flight {
             && let Some(tx) = self.txs.iter_mut().find(|t| t.seq.to_string() == seq)
         {
             tx.state = TxState::Done;
+            if error.is_some() {
+                // Not committed (an ERROR for one of its SENDs came late):
+                // nothing after it may be.
+                tx.aborted = true;
+                self.aborted = true;
+            }
         }
         let ids = &self.units[receipt];
         match error {
@@ -262,21 +278,31 @@ impl Flight {
     }
 }
 
-/// Writes what the transactions of `flights` (in order) are ready for: a
-/// COMMIT for each whose marker came back, as long as every one before it
-/// was committed; an ABORT for a doomed one, and for every later one not
-/// committed (nothing after a refused row may reach a queue before it is
-/// sent again). A doomed transaction's rows become unknown (isolated).
+/// Writes what the transactions of `flights` (in order) are ready for: the
+/// COMMIT of the next whose marker came back, once the COMMIT before it
+/// was answered (one at a time: should a COMMIT fail, nothing later was
+/// committed; the SENDs keep the broker busy meanwhile, at the same pace
+/// as pipelined COMMITs); an ABORT for a doomed one, and for every later
+/// one not committed (nothing after a refused row may reach a queue before
+/// it is sent again). A doomed transaction's rows become unknown (isolated).
 fn advance(conn: &mut Connection, flights: &mut [Flight]) -> Result<(), StompError> {
     let mut blocked = false;
     let mut aborting = false;
     let mut wrote = false;
     for f in flights.iter_mut() {
-        for tx in f
-            .txs
-            .iter_mut()
-            .filter(|t| matches!(t.state, TxState::Open | TxState::Marked))
-        {
+        for tx in f.txs.iter_mut() {
+            if tx.aborted {
+                // Sticky: what comes after an abort is never committed.
+                aborting = true;
+                continue;
+            }
+            if tx.state == TxState::Committing {
+                blocked = true;
+                continue;
+            }
+            if !matches!(tx.state, TxState::Open | TxState::Marked) {
+                continue;
+            }
             let name = format!("t-{}", tx.seq);
             if aborting || tx.doomed {
                 if tx.doomed {
@@ -290,6 +316,7 @@ fn advance(conn: &mut Connection, flights: &mut [Flight]) -> Result<(), StompErr
                 )?;
                 f.pending.insert(receipt);
                 tx.state = TxState::Aborting;
+                tx.aborted = true;
                 f.aborted = true;
                 aborting = true;
                 wrote = true;
@@ -339,10 +366,15 @@ fn read_into(
         Err(e @ StompError::Broker { .. }) => {
             let why = e.to_string();
             let named = match &e {
+                // One naming a receipt of no flight in the air answers a
+                // flight that landed already: it says nothing of these.
                 StompError::Broker {
                     receipt_id: Some(r),
                     ..
-                } => flights.iter_mut().any(|fl| fl.take(r, Some(&why))),
+                } => {
+                    flights.iter_mut().any(|fl| fl.take(r, Some(&why)));
+                    true
+                }
                 _ => false,
             };
             if !named && !flights.iter_mut().any(Flight::doom_first_open) {
@@ -409,7 +441,8 @@ pub fn collect(
         match read_into(conn, flights, left, &mut other) {
             Ok(Some(false)) => {}
             Ok(Some(true)) => deadline = deadline.min(Instant::now() + ERROR_GRACE),
-            Ok(None) if troubled => break Ok(()),
+            // An ERROR's grace ended: what has not come is judged missing.
+            Ok(None) if flights.iter().any(|f| !f.unattributed.is_empty()) => break Ok(()),
             Ok(None) => break Err(StompError::Timeout("receipts")),
             Err(e) => break Err(e),
         }
@@ -479,6 +512,7 @@ mod tests {
                 seq: 1,
                 ids: ids.to_vec(),
                 doomed: false,
+                aborted: false,
                 state: TxState::Committing,
             });
         }
@@ -517,6 +551,7 @@ mod tests {
                 seq,
                 ids: vec![seq as i64],
                 doomed: false,
+                aborted: false,
                 state: TxState::Open,
             });
             f.pending.insert(format!("m-{seq}"));

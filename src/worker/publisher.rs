@@ -479,6 +479,17 @@ impl Publisher {
         let receipt_timeout = self.link.config.connect_timeout.max(Duration::from_secs(5));
         // This look covers every commit so far; a later one wakes us again.
         wake::take_commits();
+        // Answers read meanwhile release their COMMITs first. After trouble
+        // in the air nothing more is sent until every flight has landed;
+        // a connection lost here lands them too (what was confirmed counts).
+        let mut lost = None;
+        if !self.window.is_empty() {
+            let conn = self.link.conn.as_mut().expect("connected");
+            if let Err(e) = flight::take_ready(conn, self.window.make_contiguous()) {
+                lost = Some(e);
+            }
+        }
+        let held = lost.is_some() || self.window.iter().any(Flight::troubled);
         // Back to the start (retries, late commits) only with nothing in
         // the air: rows in flight are still `scheduled`.
         let from_start = self.window.is_empty() && self.rescan;
@@ -502,21 +513,27 @@ impl Publisher {
             self.cursor
         };
         let mut floor = std::panic::AssertUnwindSafe(&mut self.floor);
-        let (rows, next_due) = BackgroundWorker::transaction(move || {
-            if from_start {
-                floor.rise();
-            }
-            let after = if from_start { floor.at - 1 } else { after };
-            let rows = claim(limit, after);
-            let next_due = if (rows.len() as i64) < limit && from_start {
-                seconds_to_next_due(floor.at)
-            } else {
-                None
-            };
-            (rows, next_due)
-        });
-        self.last_query = Some(Instant::now());
-        self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        let (rows, next_due) = if held {
+            (Vec::new(), None)
+        } else {
+            BackgroundWorker::transaction(move || {
+                if from_start {
+                    floor.rise();
+                }
+                let after = if from_start { floor.at - 1 } else { after };
+                let rows = claim(limit, after);
+                let next_due = if (rows.len() as i64) < limit && from_start {
+                    seconds_to_next_due(floor.at)
+                } else {
+                    None
+                };
+                (rows, next_due)
+            })
+        };
+        if !held {
+            self.last_query = Some(Instant::now());
+            self.next_due = next_due.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        }
         let claimed = rows.len();
         self.rescan = (claimed as i64) < limit;
         let conn = self.link.conn.as_mut().expect("connected");
@@ -536,39 +553,38 @@ impl Publisher {
                     )
                 })
                 .collect();
-            // Answers read meanwhile release their COMMITs first.
-            let sent = flight::take_ready(conn, self.window.make_contiguous())
-                .and_then(|()| Flight::send(conn, frames, style, &mut self.transactions));
-            match sent {
+            match Flight::send(conn, frames, style, &mut self.transactions) {
                 Ok(f) => self.window.push_back(f),
-                Err(e) => {
-                    // Whatever was written is unconfirmed: sent again.
-                    self.window.clear();
-                    self.cursor = 0;
-                    self.rescan = true;
-                    self.link.broke(e);
-                    return None;
-                }
+                // Whatever of it was written is unconfirmed (sent again);
+                // the flights before it land with what they confirmed.
+                Err(e) => lost = Some(e),
             }
             super::busy(&format!("sending a batch of {claimed} message(s)"));
         }
         // Flights stay in the air while a backlog drains (full batches);
         // isolating, or at its end (a short batch: a lone message waits for
         // nothing else), every flight lands.
-        let keep = if claimed as i64 == limit && !isolating {
+        let keep = if claimed as i64 == limit && !isolating && !held && lost.is_none() {
             IN_THE_AIR - 1
         } else {
             0
         };
         let mut marked = 0;
+        if self.window.is_empty()
+            && let Some(e) = lost.take()
+        {
+            self.cursor = 0;
+            self.rescan = true;
+            self.link.broke(e);
+            return None;
+        }
         while self.window.len() > keep {
             let conn = self.link.conn.as_mut().expect("connected");
-            let read = flight::collect(conn, self.window.make_contiguous(), receipt_timeout);
-            let troubled = read.is_err()
-                || self
-                    .window
-                    .iter()
-                    .any(|f| !f.unattributed.is_empty() || !f.unknown.is_empty() || f.aborted);
+            let read = match lost.take() {
+                Some(e) => Err(e),
+                None => flight::collect(conn, self.window.make_contiguous(), receipt_timeout),
+            };
+            let troubled = read.is_err() || self.window.iter().any(Flight::troubled);
             let n = if troubled { self.window.len() } else { 1 };
             let mut landed: Vec<Flight> = self.window.drain(..n).collect();
             // A row sent alone whose connection ended with an ERROR: the
