@@ -83,7 +83,7 @@ unsafe fn send(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
     let (destination, body, user_headers) = unsafe { message_args(fcinfo) }?;
     let destination = destination.as_str();
     enqueue::check_size(body)?;
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = crate::ids::random_id().to_string();
     let stored = headers::stored(
         &user_headers,
         &headers::Generated {

@@ -89,7 +89,7 @@ thread_local! {
 pub fn write(m: &Message) -> uuid::Uuid {
     // Time-ordered (version 7): each new id lands at the right edge of the
     // message_id index instead of on a random page of it.
-    let id = uuid::Uuid::now_v7();
+    let id = crate::ids::message_id();
     let id_text = id.to_string();
     let headers = headers::stored(
         m.user_headers,
@@ -101,17 +101,16 @@ pub fn write(m: &Message) -> uuid::Uuid {
     );
     let delayed = m.delay.is_some_and(|d| !interval_is_zero(d));
     if crate::capture::wanted(delayed) {
-        if let Err(e) = crate::capture::check() {
+        // Once per transaction: the slot's look scans shared memory.
+        if !crate::wake::captured()
+            && let Err(e) = crate::capture::check()
+        {
             e.raise();
         }
-        let map: serde_json::Map<String, serde_json::Value> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_ref())))
-            .collect();
         crate::capture::emit(&crate::capture::Captured {
             message_id: *id.as_bytes(),
             destination: m.destination.to_string(),
-            headers: serde_json::Value::Object(map).to_string(),
+            headers: headers::to_json(&headers),
             // SAFETY: a jsonb datum.
             body: unsafe { crate::fmgr::jsonb_text(m.body) },
             version: m.version.map(str::to_string),

@@ -10,6 +10,7 @@ mod error;
 mod fmgr;
 mod guc;
 mod headers;
+mod ids;
 mod jsonb;
 mod latch;
 mod owner;

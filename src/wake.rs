@@ -78,6 +78,11 @@ pub fn arm_captured() {
     CAPTURED.with(|c| c.set(true));
 }
 
+/// Whether the current transaction captured a message already.
+pub fn captured() -> bool {
+    CAPTURED.with(Cell::get)
+}
+
 /// The `outbox.database` setting, when it does not name the current
 /// database (worked out again only when the setting changes: a reload).
 fn serving_other_database() -> Option<String> {
