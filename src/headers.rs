@@ -216,6 +216,17 @@ mod tests {
     }
 
     #[test]
+    fn every_character_json_escapes_reads_back() {
+        let mut s: String = (0u8..0x20).map(char::from).collect();
+        s.push_str("\"\\/\u{7f}é\u{2028}\u{2029}😀:end");
+        let headers = [("k\n\"", Cow::from(s.as_str()))];
+        let text = to_json(&headers);
+        assert!(!text.bytes().any(|b| b < 0x20), "{text:?}");
+        let back: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["k\n\""], Value::String(s));
+    }
+
+    #[test]
     fn sent_time_matches_known_instants() {
         let t = UNIX_EPOCH + Duration::from_micros(1_795_847_400_123_456);
         assert_eq!(sent_time(t), "2026-11-28 06:30:00.123456+00:00");

@@ -26,6 +26,10 @@ thread_local! {
 /// `N` bytes from the system's random source, by way of the pool.
 fn random<const N: usize>() -> [u8; N] {
     RANDOM.with_borrow_mut(|p| {
+        // The backend's own pid: no system call per id.
+        #[cfg(not(test))]
+        let pid = unsafe { pgrx::pg_sys::MyProcPid } as u32;
+        #[cfg(test)]
         let pid = std::process::id();
         if p.pid != pid || p.used + N > POOL {
             SystemRandom::new()

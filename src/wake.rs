@@ -171,6 +171,15 @@ unsafe extern "C-unwind" fn at_xact_end(
 ) {
     use pg_sys::XactEvent::*;
     match event {
+        // Messages captured in the WAL are read back through the slot: it
+        // must still be usable when the transaction commits (it may have
+        // been invalidated or dropped since the first capture), or the
+        // transaction fails instead of losing them.
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE if CAPTURED.with(Cell::get) => {
+            if let Err(e) = crate::capture::check() {
+                e.raise();
+            }
+        }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let installed = INSTALLED.with(|c| c.replace(false));
             if (installed | LAUNCHER.with(|c| c.replace(false)))

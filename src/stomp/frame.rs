@@ -179,16 +179,24 @@ impl Frame {
     }
 }
 
+/// Appends `s` escaped as a header (STOMP 1.2); runs of bytes that need
+/// no escape are copied whole.
 fn push_escaped(out: &mut Vec<u8>, s: &str) {
-    for &b in s.as_bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b':' => out.extend_from_slice(b"\\c"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
+    let bytes = s.as_bytes();
+    let mut from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b':' => b"\\c",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[from..i]);
+        out.extend_from_slice(escaped);
+        from = i + 1;
     }
+    out.extend_from_slice(&bytes[from..]);
 }
 
 fn check_unescaped(command: Command, name: &str, value: &str) -> Result<(), FrameError> {

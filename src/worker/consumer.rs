@@ -576,14 +576,15 @@ impl Consumer {
                     Verdict::Ack => Frame::new(Command::Ack).header("id", ack),
                     // A message left unacknowledged (tried again later, or
                     // not handled): a cumulative ACK or NACK after it would
-                    // take it too, so this connection acknowledges nothing
-                    // more; it is given up and the broker delivers again
-                    // from here (the inbox knows what took effect).
-                    Verdict::Retry | Verdict::Leave if self.cumulative => {
+                    // take it too, and an unacknowledged one would hold a
+                    // prefetch slot until some reconnect. This connection
+                    // acknowledges nothing more; it is given up and the
+                    // broker delivers again from here (the inbox knows what
+                    // took effect).
+                    Verdict::Retry | Verdict::Leave => {
                         leave = true;
                         break;
                     }
-                    Verdict::Retry | Verdict::Leave => continue,
                     Verdict::DeadLetter => {
                         if let Some(id) = run.take() {
                             conn.queue(&Frame::new(Command::Ack).header("id", id))?;

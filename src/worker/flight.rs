@@ -181,11 +181,17 @@ impl Flight {
     }
 
     /// An ERROR naming nothing came and no transaction's marker was owed:
-    /// the transactions being committed may hold the refused SEND.
+    /// the transaction being committed may hold the refused SEND (its
+    /// receipt confirms nothing), and so may those waiting to be (they are
+    /// aborted, their rows isolated).
     fn taint(&mut self) {
-        for tx in &self.txs {
-            if tx.state == TxState::Committing {
-                self.tainted.insert(format!("c-{}", tx.seq));
+        for tx in &mut self.txs {
+            match tx.state {
+                TxState::Committing => {
+                    self.tainted.insert(format!("c-{}", tx.seq));
+                }
+                TxState::Marked => tx.doomed = true,
+                _ => {}
             }
         }
     }
@@ -441,8 +447,17 @@ pub fn collect(
         match read_into(conn, flights, left, &mut other) {
             Ok(Some(false)) => {}
             Ok(Some(true)) => deadline = deadline.min(Instant::now() + ERROR_GRACE),
-            // An ERROR's grace ended: what has not come is judged missing.
-            Ok(None) if flights.iter().any(|f| !f.unattributed.is_empty()) => break Ok(()),
+            // An ERROR's grace ended: what has not come is judged missing,
+            // unless a transaction is still open on the broker (the
+            // connection then ends, and the broker drops it).
+            Ok(None)
+                if flights.iter().any(|f| !f.unattributed.is_empty())
+                    && flights
+                        .iter()
+                        .all(|f| f.txs.iter().all(|t| t.state == TxState::Done)) =>
+            {
+                break Ok(());
+            }
             Ok(None) => break Err(StompError::Timeout("receipts")),
             Err(e) => break Err(e),
         }

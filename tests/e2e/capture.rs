@@ -447,3 +447,30 @@ fn a_message_forged_with_pg_logical_emit_message_is_never_sent() {
     assert!(sub.next(Duration::from_secs(2)).is_none(), "nothing forged");
     assert!(cl.log().contains("did not write (its signature is wrong"));
 }
+
+/// The slot is looked at again when a transaction that captured commits:
+/// one dropped (or invalidated) after the first capture makes the commit
+/// fail, rather than leave messages no slot will read.
+#[test]
+fn a_capture_whose_slot_went_away_before_its_commit_fails() {
+    let cl = cluster(&[
+        "outbox.stomp_hosts = '127.0.0.1:1'",
+        "outbox.wal_spill_after = '1h'",
+    ]);
+    let mut c = wal_client(&cl);
+    let mut other = cl.client();
+    c.batch_execute("BEGIN").unwrap();
+    c.execute("SELECT outbox.publish('/topic/x', '1')", &[])
+        .unwrap();
+    // The publisher may hold the slot for a moment: try until it is free.
+    wait_for("the slot dropped", Duration::from_secs(10), || {
+        other
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'outbox_pg_%'",
+            )
+            .ok()
+    });
+    let e = c.batch_execute("COMMIT").unwrap_err();
+    assert_eq!(sqlstate(&e), "55000", "{e}");
+    assert_eq!(rows(&mut other), 0, "nothing written");
+}
