@@ -62,7 +62,15 @@ pub struct Wal {
     /// The commit time of the oldest message not yet confirmed, for the
     /// status (ms since the epoch; 0: none).
     pub oldest_waiting: i64,
+    /// When this publisher last logged a snapshot of running transactions
+    /// to let the slot's restart point follow (see `advance`).
+    nudged: std::cell::Cell<Option<Instant>>,
 }
+
+/// How far the slot's restart point may trail what it confirmed before the
+/// publisher logs a snapshot of running transactions: every look decodes
+/// the WAL again from that point.
+const RESTART_LAG: i64 = 1 << 20;
 
 /// PostgreSQL's epoch (2000-01-01) in Unix milliseconds.
 const PG_EPOCH_MS: i64 = 946_684_800_000;
@@ -383,6 +391,20 @@ impl Wal {
     /// it could not be read, which is logged).
     fn peek(&mut self, rows: i64) -> Option<Peeked> {
         let slot = self.slot.clone();
+        // The walwriter flushes whole pages, so the flushed end may fall
+        // inside a record; reading up to it, the decoder would wait for
+        // that record's rest (an asynchronous commit's: up to
+        // wal_writer_delay, which a captured message then waited too).
+        // Flushing what was inserted makes the end a record's end. Only
+        // at a page boundary, where such a cut can be.
+        // SAFETY: positions in shared memory; a flush any process may ask for.
+        unsafe {
+            if pg_sys::GetFlushRecPtr(std::ptr::null_mut())
+                .is_multiple_of(u64::from(pg_sys::XLOG_BLCKSZ))
+            {
+                pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
+            }
+        }
         let read = super::tx::transaction(|| {
             Spi::connect(|c| {
                 let target = c
@@ -482,7 +504,31 @@ impl Wal {
                 &[DatumWithOid::from(slot.as_str()), DatumWithOid::from(lsn.as_str())],
             )
             .unwrap_or_else(|e| error!("{e}"));
+            super::read_one::<i64>(
+                "SELECT (confirmed_flush_lsn OPERATOR(pg_catalog.-) restart_lsn)::int8 \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[DatumWithOid::from(slot.as_str())],
+            )
+            .unwrap_or_else(|e| error!("{e}"))
         });
+        // The restart point moves only past a snapshot of running
+        // transactions, which PostgreSQL logs every 15 s: until then every
+        // look decodes again what the slot confirmed (the table mode's
+        // rows, other tables' changes). A trailing one gets a snapshot now
+        // (at most once a second), which the next looks move past.
+        if let Ok(Some(lag)) = moved
+            && lag > RESTART_LAG
+            && self
+                .nudged
+                .get()
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.nudged.set(Some(Instant::now()));
+            // SAFETY: a WAL record, as the background writer logs it.
+            unsafe {
+                pg_sys::LogStandbySnapshot();
+            }
+        }
         if let Err(e) = moved {
             // Tried again at the next look; meanwhile messages may be sent
             // twice, never lost.
