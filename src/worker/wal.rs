@@ -63,14 +63,20 @@ pub struct Wal {
     /// status (ms since the epoch; 0: none).
     pub oldest_waiting: i64,
     /// When this publisher last logged a snapshot of running transactions
-    /// to let the slot's restart point follow (see `advance`).
-    nudged: std::cell::Cell<Option<Instant>>,
+    /// to let the slot's restart point follow (see `advance`), the restart
+    /// point then, and how long until the next may be logged.
+    nudged: std::cell::Cell<Option<(Instant, i64, Duration)>>,
 }
 
 /// How far the slot's restart point may trail what it confirmed before the
 /// publisher logs a snapshot of running transactions: every look decodes
 /// the WAL again from that point.
 const RESTART_LAG: i64 = 1 << 20;
+
+/// How often such a snapshot may be logged while the restart point follows,
+/// and at most how seldom while it does not.
+const NUDGE_EVERY: Duration = Duration::from_secs(1);
+const NUDGE_MAX: Duration = Duration::from_secs(64);
 
 /// PostgreSQL's epoch (2000-01-01) in Unix milliseconds.
 const PG_EPOCH_MS: i64 = 946_684_800_000;
@@ -391,40 +397,13 @@ impl Wal {
     /// it could not be read, which is logged).
     fn peek(&mut self, rows: i64) -> Option<Peeked> {
         let slot = self.slot.clone();
-        // The walwriter flushes whole pages, so the flushed end may fall
-        // inside a record; reading up to it, the decoder would wait for
-        // that record's rest (an asynchronous commit's: up to
-        // wal_writer_delay, which a captured message then waited too).
-        // Flushing what was inserted makes the end a record's end. Only
-        // at a page boundary, where such a cut can be.
-        // SAFETY: positions in shared memory; a flush any process may ask for.
-        unsafe {
-            if pg_sys::GetFlushRecPtr(std::ptr::null_mut())
-                .is_multiple_of(u64::from(pg_sys::XLOG_BLCKSZ))
-            {
-                pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
-            }
-        }
+        let bound = read_bound();
         let read = super::tx::transaction(|| {
             Spi::connect(|c| {
-                let target = c
-                    .select(
-                        // One reading of the flush position for both the
-                        // peek's bound and the advance's target.
-                        "SELECT l::text, (l OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8 \
-                         FROM pg_catalog.pg_current_wal_flush_lsn() AS l",
-                        None,
-                        &[],
-                    )
-                    .ok()
-                    .and_then(|mut r| r.next())
-                    .map(|r| {
-                        (
-                            r.get::<String>(1).ok().flatten().unwrap_or_default(),
-                            r.get::<i64>(2).ok().flatten().unwrap_or_default(),
-                        )
-                    })
-                    .unwrap_or_default();
+                let target = (
+                    format!("{:X}/{:X}", bound >> 32, bound & 0xffff_ffff),
+                    bound as i64,
+                );
                 let rows_read = c
                     .select(
                         "SELECT (lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, data \
@@ -505,7 +484,7 @@ impl Wal {
             )
             .unwrap_or_else(|e| error!("{e}"));
             super::read_one::<i64>(
-                "SELECT (confirmed_flush_lsn OPERATOR(pg_catalog.-) restart_lsn)::int8 \
+                "SELECT (restart_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8 \
                  FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
                 &[DatumWithOid::from(slot.as_str())],
             )
@@ -514,19 +493,27 @@ impl Wal {
         // The restart point moves only past a snapshot of running
         // transactions, which PostgreSQL logs every 15 s: until then every
         // look decodes again what the slot confirmed (the table mode's
-        // rows, other tables' changes). A trailing one gets a snapshot now
-        // (at most once a second), which the next looks move past.
-        if let Ok(Some(lag)) = moved
-            && lag > RESTART_LAG
-            && self
-                .nudged
-                .get()
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        // rows, other tables' changes). A trailing one gets a snapshot now,
+        // which the next looks move past: at most once a second while that
+        // works, less and less often (up to once a minute) while it does
+        // not (an old transaction anywhere holds the point back, and each
+        // snapshot is WAL and a file of its own).
+        if let Ok(Some(restart)) = moved
+            && to as i64 - restart > RESTART_LAG
         {
-            self.nudged.set(Some(Instant::now()));
-            // SAFETY: a WAL record, as the background writer logs it.
-            unsafe {
-                pg_sys::LogStandbySnapshot();
+            let (due, next) = match self.nudged.get() {
+                None => (true, NUDGE_EVERY),
+                Some((at, before, _)) if restart != before => {
+                    (at.elapsed() >= NUDGE_EVERY, NUDGE_EVERY)
+                }
+                Some((at, _, every)) => (at.elapsed() >= every, (every * 2).min(NUDGE_MAX)),
+            };
+            if due {
+                self.nudged.set(Some((Instant::now(), restart, next)));
+                // SAFETY: a WAL record, as the background writer logs it.
+                unsafe {
+                    pg_sys::LogStandbySnapshot();
+                }
             }
         }
         if let Err(e) = moved {
@@ -540,6 +527,51 @@ impl Wal {
             self.seen_to.set(to);
         }
         true
+    }
+}
+
+/// The end of the WAL a look reads up to (and the slot may advance to):
+/// the flushed end, which is a record's end except where the walwriter's
+/// whole-page flush cut a record at a page boundary. Reading up to such a
+/// cut, the decoder would wait for the record's rest (an asynchronous
+/// commit's: up to wal_writer_delay, which a captured message then waited
+/// too); there, what was inserted is flushed first and its end is the
+/// bound.
+fn read_bound() -> u64 {
+    // SAFETY: positions read from shared memory.
+    let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+    if !flushed.is_multiple_of(u64::from(pg_sys::XLOG_BLCKSZ)) {
+        return flushed;
+    }
+    // SAFETY: as above.
+    let inserted = record_end(unsafe { pg_sys::GetXLogInsertRecPtr() });
+    if inserted <= flushed {
+        return flushed;
+    }
+    // In a transaction of its own: an error (there should be none, the
+    // request being a record's end) ends the flush, not the worker.
+    // SAFETY: a flush any process may ask for, up to WAL that was made.
+    match super::tx::transaction(|| unsafe { pg_sys::XLogFlush(inserted) }) {
+        Ok(()) => inserted,
+        Err(_) => flushed,
+    }
+}
+
+/// Where the next record will start, as the end of the one before it: past
+/// a page header when the position is at the start of a page (a long one
+/// at the start of a segment), the end is the page's start.
+fn record_end(next: u64) -> u64 {
+    // SAFETY: a setting fixed at start.
+    let segment = unsafe { pg_sys::wal_segment_size } as u64;
+    let page = u64::from(pg_sys::XLOG_BLCKSZ);
+    let long = std::mem::size_of::<pg_sys::XLogLongPageHeaderData>() as u64;
+    let short = std::mem::size_of::<pg_sys::XLogPageHeaderData>() as u64;
+    if segment > 0 && next % segment == long {
+        next - long
+    } else if next % page == short {
+        next - short
+    } else {
+        next
     }
 }
 
