@@ -77,8 +77,6 @@ enum TxState {
 #[derive(Debug)]
 struct Tx {
     seq: u64,
-    /// Its rows.
-    ids: Vec<i64>,
     /// An ERROR naming nothing came before its marker: one of its SENDs
     /// was refused, it must not be committed.
     doomed: bool,
@@ -112,8 +110,6 @@ pub struct Flight {
     tainted: HashSet<String>,
     /// Its STOMP transactions, in the order sent (none on RabbitMQ).
     txs: Vec<Tx>,
-    /// Some transaction of it was aborted: its rows go out again.
-    pub aborted: bool,
 }
 
 impl Flight {
@@ -159,10 +155,9 @@ impl Flight {
                     conn.queue(&Frame::new(Command::Abort).header("transaction", marker.as_str()))?;
                     f.pending.insert(marker);
                     f.rows.extend_from_slice(&ids);
-                    f.units.insert(format!("c-{seq}"), ids.clone());
+                    f.units.insert(format!("c-{seq}"), ids);
                     f.txs.push(Tx {
                         seq: *seq,
-                        ids,
                         doomed: false,
                         aborted: false,
                         state: TxState::Open,
@@ -217,7 +212,12 @@ impl Flight {
     /// Something went wrong in it: nothing more is sent until every flight
     /// has landed (rows after a refused one must not overtake it).
     pub fn troubled(&self) -> bool {
-        self.aborted || !self.unknown.is_empty() || !self.unattributed.is_empty()
+        self.aborted() || !self.unknown.is_empty() || !self.unattributed.is_empty()
+    }
+
+    /// Some transaction of it was aborted: its rows go out again.
+    pub fn aborted(&self) -> bool {
+        self.txs.iter().any(|t| t.aborted)
     }
 
     /// Takes a receipt or ERROR meant for this flight; false if not ours.
@@ -254,7 +254,6 @@ impl Flight {
                 // Not committed (an ERROR for one of its SENDs came late):
                 // nothing after it may be.
                 tx.aborted = true;
-                self.aborted = true;
             }
         }
         let ids = &self.units[receipt];
@@ -309,33 +308,29 @@ fn advance(conn: &mut Connection, flights: &mut [Flight]) -> Result<(), StompErr
             if !matches!(tx.state, TxState::Open | TxState::Marked) {
                 continue;
             }
-            let name = format!("t-{}", tx.seq);
-            if aborting || tx.doomed {
-                if tx.doomed {
-                    f.unknown.extend_from_slice(&tx.ids);
-                }
-                let receipt = format!("a-{}", tx.seq);
-                conn.queue(
-                    &Frame::new(Command::Abort)
-                        .header("transaction", name.as_str())
-                        .header("receipt", receipt.as_str()),
-                )?;
+            // COMMIT or ABORT, with a receipt named after the transaction.
+            let mut end = |command: Command, prefix: &str| {
+                let receipt = format!("{prefix}-{}", tx.seq);
+                let name = format!("t-{}", tx.seq);
+                let frame = Frame::new(command)
+                    .header("transaction", name.as_str())
+                    .header("receipt", receipt.as_str());
                 f.pending.insert(receipt);
+                wrote = true;
+                conn.queue(&frame)
+            };
+            if aborting || tx.doomed {
+                end(Command::Abort, "a")?;
+                if tx.doomed {
+                    f.unknown
+                        .extend_from_slice(&f.units[&format!("c-{}", tx.seq)]);
+                }
                 tx.state = TxState::Aborting;
                 tx.aborted = true;
-                f.aborted = true;
                 aborting = true;
-                wrote = true;
             } else if !blocked && tx.state == TxState::Marked {
-                let receipt = format!("c-{}", tx.seq);
-                conn.queue(
-                    &Frame::new(Command::Commit)
-                        .header("transaction", name.as_str())
-                        .header("receipt", receipt.as_str()),
-                )?;
-                f.pending.insert(receipt);
+                end(Command::Commit, "c")?;
                 tx.state = TxState::Committing;
-                wrote = true;
             } else {
                 blocked = true;
             }
@@ -434,7 +429,7 @@ pub fn collect(
         }
         let troubled = flights
             .iter()
-            .any(|f| !f.unattributed.is_empty() || f.aborted);
+            .any(|f| !f.unattributed.is_empty() || f.aborted());
         let done = if troubled {
             flights.iter().all(Flight::settled)
         } else {
@@ -525,7 +520,6 @@ mod tests {
             f.add_unit("c-1".into(), ids.to_vec());
             f.txs.push(Tx {
                 seq: 1,
-                ids: ids.to_vec(),
                 doomed: false,
                 aborted: false,
                 state: TxState::Committing,
@@ -564,7 +558,6 @@ mod tests {
         for seq in 1..=2u64 {
             f.txs.push(Tx {
                 seq,
-                ids: vec![seq as i64],
                 doomed: false,
                 aborted: false,
                 state: TxState::Open,

@@ -80,7 +80,7 @@ pub fn database_name() -> String {
 /// shrink and regrowth of the heap (brk) cost a TLB flush on every core and
 /// page faults (a sixth of a busy consumer's time). A publisher still
 /// returns its memory after a drain (`malloc_trim`).
-fn keep_heap() {
+pub fn keep_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: a malloc setting, before this process's work starts.
     unsafe {
@@ -91,10 +91,8 @@ fn keep_heap() {
 /// Makes the worker immune to time limits set for its database or role
 /// (`ALTER DATABASE ... SET statement_timeout`): a worker's short
 /// transactions must not be cancelled into a restart loop. Also keeps its
-/// queries from starting parallel workers, and its heap from shrinking
-/// after every batch.
+/// queries from starting parallel workers.
 pub fn ignore_session_limits() {
-    keep_heap();
     for name in [
         c"statement_timeout",
         c"lock_timeout",

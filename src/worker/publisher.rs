@@ -50,6 +50,7 @@ pub extern "C-unwind" fn outbox_publisher_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
     crate::shmem::set_mine(index);
     super::ignore_session_limits();
+    super::keep_heap();
     super::pin_search_path();
     publisher_settings();
     let database = BackgroundWorker::transaction(super::database_name);
