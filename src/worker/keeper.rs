@@ -2,56 +2,143 @@
 //! PostgreSQL for as long as `outbox.callback_timeout`), a thread keeps the
 //! broker session alive — it writes heart-beats when due and reads what
 //! arrives into the connection's buffer. It touches nothing of PostgreSQL
-//! and has the connection to itself: the main thread does not use it
-//! until the keeper has been joined.
+//! and has the connection to itself while it *watches* it: the main thread
+//! does not use the connection until the keeper has said it let go.
+//!
+//! One keeper thread lives as long as the process and watches a
+//! connection per batch on request (a thread made and joined per batch
+//! cost a clone, a stack mapping and its unmapping every batch).
 
+use std::cell::RefCell;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use crate::stomp::client::Connection;
 
-/// Runs `work` while a keeper thread looks after `conn`; returns what `work`
-/// returns (an error unwinding out of `work` stops the keeper first).
+/// What the main thread asks of the keeper.
+enum Ask {
+    /// Watch this connection until `LetGo`.
+    Watch(Borrowed),
+    LetGo,
+}
+
+/// The connection, lent to the keeper between `Watch` and its answer to
+/// `LetGo` (the main thread holds its `&mut` for that whole time and does
+/// not touch it: see `keep_alive`).
+struct Borrowed(*mut Connection);
+// SAFETY: the pointer is used by one thread at a time (see `keep_alive`).
+unsafe impl Send for Borrowed {}
+
+/// The keeper thread's two channels: asks go one way, *let go* answers the
+/// other.
+struct Keeper {
+    asks: mpsc::Sender<Ask>,
+    let_go: mpsc::Receiver<()>,
+}
+
+thread_local! {
+    static KEEPER: RefCell<Option<Keeper>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` while the keeper thread looks after `conn`; returns what
+/// `work` returns (an error unwinding out of `work` takes the connection
+/// back first).
 pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> R {
     if conn.keepalive_due_in().is_none() {
         // Heart-beats are off: nothing to keep.
         return work();
     }
-    let (stop, stopped) = mpsc::channel::<()>();
     // The latch hooks call into PostgreSQL: the keeper waits in the kernel.
     let hooks = conn.set_hooks(None);
-    let borrowed = &mut *conn;
-    let r = std::thread::scope(|s| {
-        let keeper = {
-            // The thread starts with every signal blocked (it inherits the
-            // mask): PostgreSQL's handlers must run on the main thread.
-            let _blocked = SignalsBlocked::new();
-            s.spawn(move || {
+    let watching = KEEPER.with(|k| {
+        let mut k = k.borrow_mut();
+        if k.is_none() {
+            *k = start();
+        }
+        let keeper = k.as_ref()?;
+        if keeper
+            .asks
+            .send(Ask::Watch(Borrowed(std::ptr::from_mut(conn))))
+            .is_err()
+        {
+            // The thread is gone: a new one next time.
+            *k = None;
+            return None;
+        }
+        Some(Watching)
+    });
+    let r = work();
+    // Taken back here, or while unwinding when `work` fails.
+    drop(watching);
+    conn.set_hooks(hooks);
+    r
+}
+
+/// While alive, the keeper may be using the connection; dropping it asks
+/// the keeper to let go and waits until it has.
+struct Watching;
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        KEEPER.with(|k| {
+            let mut k = k.borrow_mut();
+            let Some(keeper) = k.as_ref() else { return };
+            // Either answer means the keeper no longer holds the
+            // connection (a dead thread holds nothing).
+            let gone = keeper.asks.send(Ask::LetGo).is_err() || keeper.let_go.recv().is_err();
+            if gone {
+                *k = None;
+            }
+        });
+    }
+}
+
+/// Starts the keeper thread (None when the system refuses a thread: the
+/// batch then runs without heart-beats, as a short batch needs none).
+fn start() -> Option<Keeper> {
+    let (asks, asked) = mpsc::channel::<Ask>();
+    let (answer, let_go) = mpsc::channel::<()>();
+    // The thread starts with every signal blocked (it inherits the mask):
+    // PostgreSQL's handlers must run on the main thread.
+    let _blocked = SignalsBlocked::new();
+    std::thread::Builder::new()
+        .name("outbox keeper".into())
+        .stack_size(512 << 10)
+        .spawn(move || {
+            while let Ok(ask) = asked.recv() {
+                let Ask::Watch(Borrowed(conn)) = ask else {
+                    let _ = answer.send(());
+                    continue;
+                };
+                // SAFETY: lent by `keep_alive` until this thread answers
+                // the `LetGo` below; the main thread does not touch it
+                // meanwhile.
+                let conn = unsafe { &mut *conn };
+                let mut broken = false;
                 loop {
-                    let nap = borrowed
+                    let nap = conn
                         .keepalive_due_in()
                         .unwrap_or(Duration::from_secs(1))
                         .max(Duration::from_millis(5));
-                    match stopped.recv_timeout(nap) {
+                    match asked.recv_timeout(nap) {
                         Err(RecvTimeoutError::Timeout) => {
-                            // A broken connection is found again by the main
-                            // thread's next read.
-                            if borrowed.keepalive().is_err() {
-                                return;
+                            // A broken connection is found again by the
+                            // main thread's next read.
+                            if !broken && conn.keepalive().is_err() {
+                                broken = true;
                             }
                         }
-                        _ => return,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                        Ok(_) => break,
                     }
                 }
-            })
-        };
-        let r = work();
-        drop(stop);
-        let _ = keeper.join();
-        r
-    });
-    conn.set_hooks(hooks);
-    r
+                if answer.send(()).is_err() {
+                    return;
+                }
+            }
+        })
+        .ok()?;
+    Some(Keeper { asks, let_go })
 }
 
 /// Every signal blocked in the calling thread until dropped.

@@ -78,13 +78,17 @@ pub fn database_name() -> String {
 /// Keeps malloc from giving the top of its heap back after every batch: a
 /// batch's frames and buffers pass the default trim threshold, and each
 /// shrink and regrowth of the heap (brk) cost a TLB flush on every core and
-/// page faults (a sixth of a busy consumer's time). A publisher still
-/// returns its memory after a drain (`malloc_trim`).
+/// page faults (a sixth of a busy consumer's time). Setting the trim
+/// threshold also freezes malloc's mmap threshold at 128 kB, so memory
+/// context blocks above it (up to 8 MB) would each be a fresh mapping,
+/// faulted in and unmapped at every batch: they come from the heap too. A
+/// publisher still returns its memory after a drain (`malloc_trim`).
 pub fn keep_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: a malloc setting, before this process's work starts.
+    // SAFETY: malloc settings, before this process's work starts.
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
     }
 }
 
