@@ -282,6 +282,9 @@ struct Consumer {
     /// subscribed with `ack:client`): a batch writes one ACK, not one per
     /// message.
     cumulative: bool,
+    /// Messages were handled since malloc's free memory was last given
+    /// back (it is, at the first idle tick after).
+    untrimmed: bool,
 }
 
 /// How `Consumer::attempt` runs a message: *plainly*, inside the batch's
@@ -333,6 +336,7 @@ impl Consumer {
             broker_returns: broker_returns(),
             dlq_declared: false,
             cumulative: false,
+            untrimmed: false,
         };
         c.check();
         c
@@ -620,6 +624,7 @@ impl Consumer {
             }
         }
         self.report.count(handled);
+        self.untrimmed |= handled > 0;
         if self.callback.is_none() {
             // Found refused in a batch: say why, and leave the messages
             // not handled to the queue (they come again after a reconnect).
@@ -646,8 +651,8 @@ impl Consumer {
             timeout = timeout.min(k.max(Duration::from_millis(1)));
         }
         // SAFETY: this process's latch and an open socket.
-        unsafe {
-            pg_sys::WaitLatchOrSocket(
+        let events = unsafe {
+            let events = pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
                 (pg_sys::WL_LATCH_SET
                     | pg_sys::WL_SOCKET_READABLE
@@ -658,6 +663,11 @@ impl Consumer {
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
+            events
+        };
+        // A quiet tick after work: what a burst left free goes back.
+        if events == pg_sys::WL_TIMEOUT as i32 && std::mem::take(&mut self.untrimmed) {
+            super::release_free_memory();
         }
     }
 

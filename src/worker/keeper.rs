@@ -26,8 +26,13 @@ enum Ask {
 /// `LetGo` (the main thread holds its `&mut` for that whole time and does
 /// not touch it: see `keep_alive`).
 struct Borrowed(*mut Connection);
-// SAFETY: the pointer is used by one thread at a time (see `keep_alive`).
+// SAFETY: the pointer is used by one thread at a time (see `keep_alive`);
+// the connection itself may move between threads (checked below).
 unsafe impl Send for Borrowed {}
+const _: fn() = || {
+    fn sendable<T: Send>() {}
+    sendable::<Connection>();
+};
 
 /// The keeper thread's two channels: asks go one way, *let go* answers the
 /// other.
@@ -50,46 +55,52 @@ pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> R {
     }
     // The latch hooks call into PostgreSQL: the keeper waits in the kernel.
     let hooks = conn.set_hooks(None);
-    let watching = KEEPER.with(|k| {
+    let conn = std::ptr::from_mut(conn);
+    let lent = KEEPER.with(|k| {
         let mut k = k.borrow_mut();
         if k.is_none() {
             *k = start();
         }
-        let keeper = k.as_ref()?;
-        if keeper
-            .asks
-            .send(Ask::Watch(Borrowed(std::ptr::from_mut(conn))))
-            .is_err()
-        {
-            // The thread is gone: a new one next time.
+        let sent = k
+            .as_ref()
+            .is_some_and(|keeper| keeper.asks.send(Ask::Watch(Borrowed(conn))).is_ok());
+        if !sent {
+            // No thread (this batch goes without heart-beats; a short one
+            // needs none), or it is gone: a new one next time.
             *k = None;
-            return None;
         }
-        Some(Watching)
+        sent
     });
-    let r = work();
-    // Taken back here, or while unwinding when `work` fails.
-    drop(watching);
-    conn.set_hooks(hooks);
-    r
+    let _back = Lent { conn, hooks, lent };
+    work()
 }
 
-/// While alive, the keeper may be using the connection; dropping it asks
-/// the keeper to let go and waits until it has.
-struct Watching;
+/// The connection while `work` runs: dropped (after `work`, or while
+/// unwinding from it), it asks the keeper to let go, waits until it has,
+/// and gives the connection its hooks back.
+struct Lent {
+    conn: *mut Connection,
+    hooks: Option<crate::stomp::client::Hooks>,
+    lent: bool,
+}
 
-impl Drop for Watching {
+impl Drop for Lent {
     fn drop(&mut self) {
-        KEEPER.with(|k| {
-            let mut k = k.borrow_mut();
-            let Some(keeper) = k.as_ref() else { return };
-            // Either answer means the keeper no longer holds the
-            // connection (a dead thread holds nothing).
-            let gone = keeper.asks.send(Ask::LetGo).is_err() || keeper.let_go.recv().is_err();
-            if gone {
-                *k = None;
-            }
-        });
+        if self.lent {
+            KEEPER.with(|k| {
+                let mut k = k.borrow_mut();
+                let Some(keeper) = k.as_ref() else { return };
+                // Either answer means the keeper no longer holds the
+                // connection (a dead thread holds nothing).
+                let gone = keeper.asks.send(Ask::LetGo).is_err() || keeper.let_go.recv().is_err();
+                if gone {
+                    *k = None;
+                }
+            });
+        }
+        // SAFETY: `keep_alive`'s `&mut` borrow outlives this guard, and the
+        // keeper has let go.
+        unsafe { (*self.conn).set_hooks(self.hooks.take()) };
     }
 }
 
@@ -112,22 +123,23 @@ fn start() -> Option<Keeper> {
                 };
                 // SAFETY: lent by `keep_alive` until this thread answers
                 // the `LetGo` below; the main thread does not touch it
-                // meanwhile.
+                // meanwhile. The borrow ends before the answer.
                 let conn = unsafe { &mut *conn };
-                let mut broken = false;
                 loop {
                     let nap = conn
                         .keepalive_due_in()
                         .unwrap_or(Duration::from_secs(1))
                         .max(Duration::from_millis(5));
                     match asked.recv_timeout(nap) {
-                        Err(RecvTimeoutError::Timeout) => {
-                            // A broken connection is found again by the
-                            // main thread's next read.
-                            if !broken && conn.keepalive().is_err() {
-                                broken = true;
+                        // A broken connection is found again by the main
+                        // thread's next read; until then, nothing to do.
+                        Err(RecvTimeoutError::Timeout) if conn.keepalive().is_err() => {
+                            if asked.recv().is_err() {
+                                return;
                             }
+                            break;
                         }
+                        Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => return,
                         Ok(_) => break,
                     }

@@ -81,14 +81,29 @@ pub fn database_name() -> String {
 /// page faults (a sixth of a busy consumer's time). Setting the trim
 /// threshold also freezes malloc's mmap threshold at 128 kB, so memory
 /// context blocks above it (up to 8 MB) would each be a fresh mapping,
-/// faulted in and unmapped at every batch: they come from the heap too. A
-/// publisher still returns its memory after a drain (`malloc_trim`).
+/// faulted in and unmapped at every batch: they come from the heap too
+/// (larger ones, a big message, stay mappings). What a burst leaves free is
+/// given back once the worker is idle (`release_free_memory`).
 pub fn keep_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc settings, before this process's work starts.
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, (8 << 20) + (64 << 10));
+    }
+}
+
+/// Returns the free memory of malloc's heap to the system (glibc keeps the
+/// high-water mark of a burst otherwise): a publisher after a drain, a
+/// consumer once idle.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim, from the process's main thread.
+        unsafe { malloc_trim(0) };
     }
 }
 

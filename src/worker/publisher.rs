@@ -384,7 +384,7 @@ impl Publisher {
                 if !self.idle {
                     // A backlog has drained: what malloc kept for it goes
                     // back to the system, so the worker's memory stays flat.
-                    release_free_memory();
+                    super::release_free_memory();
                 }
                 self.idle = true;
                 self.idle_wait(poll)
@@ -664,18 +664,6 @@ impl Publisher {
                 claimed.max(marked)
             },
         )
-    }
-}
-
-/// Returns the free memory of malloc's heap to the system (glibc keeps the
-/// high-water mark of a burst otherwise).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        unsafe { malloc_trim(0) };
     }
 }
 
