@@ -1293,8 +1293,8 @@ fn backlog(sizes: &Sizes, rows: &mut Vec<Row>) {
             sizes.backlog_small
         ),
         ratio: format!("{r:.2}×"),
-        target: "≥ 0.9×".into(),
-        ok: Some(r >= 0.9),
+        target: "≥ 0.95×".into(),
+        ok: Some(r >= 0.95),
     });
     let growth = rss_after as f64 / rss_before.max(1) as f64;
     rows.push(Row {

@@ -38,6 +38,8 @@ use crate::stomp::frame::{Command, Frame};
 
 /// Longest sleep between two looks at the subscription and the signals.
 const TICK: Duration = Duration::from_millis(500);
+/// Idle time after which a consumer gives back what malloc kept.
+const TRIM_AFTER: Duration = Duration::from_secs(5);
 
 /// How often a refused subscription looks at its callback's privileges again.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -282,9 +284,10 @@ struct Consumer {
     /// subscribed with `ack:client`): a batch writes one ACK, not one per
     /// message.
     cumulative: bool,
-    /// Messages were handled since malloc's free memory was last given
-    /// back (it is, at the first idle tick after).
-    untrimmed: bool,
+    /// When messages were last handled, while malloc's free memory has not
+    /// been given back since (it is, once the consumer has been idle for
+    /// `TRIM_AFTER`).
+    untrimmed: Option<Instant>,
 }
 
 /// How `Consumer::attempt` runs a message: *plainly*, inside the batch's
@@ -336,7 +339,7 @@ impl Consumer {
             broker_returns: broker_returns(),
             dlq_declared: false,
             cumulative: false,
-            untrimmed: false,
+            untrimmed: None,
         };
         c.check();
         c
@@ -545,7 +548,7 @@ impl Consumer {
             // The broker session stays alive while callbacks run.
             let mut conn = self.link.conn.take().expect("connected");
             let messages = pending.make_contiguous();
-            let verdicts = keeper::keep_alive(&mut conn, || {
+            let (verdicts, kept) = keeper::keep_alive(&mut conn, || {
                 let mut verdicts = self.batch(messages);
                 // A batch stops at a message whose callback failed with
                 // attempts left: retry it now, before anything later, to
@@ -558,6 +561,14 @@ impl Consumer {
             });
             self.link.conn = Some(conn);
             let _ = super::report_stats();
+            if !kept {
+                // The keeper stopped while it held the connection, perhaps
+                // mid-write: the session is not trusted; the messages come
+                // again and the inbox knows them.
+                return Err(StompError::Protocol(
+                    "the heart-beat thread stopped while it held the connection".into(),
+                ));
+            }
             let mut leave = matches!(verdicts.last(), Some(Verdict::Leave));
             let handled_now = verdicts.len();
             let conn = self.link.conn.as_mut().expect("connected");
@@ -624,7 +635,9 @@ impl Consumer {
             }
         }
         self.report.count(handled);
-        self.untrimmed |= handled > 0;
+        if handled > 0 {
+            self.untrimmed = Some(Instant::now());
+        }
         if self.callback.is_none() {
             // Found refused in a batch: say why, and leave the messages
             // not handled to the queue (they come again after a reconnect).
@@ -665,8 +678,13 @@ impl Consumer {
             pg_sys::ResetLatch(pg_sys::MyLatch);
             events
         };
-        // A quiet tick after work: what a burst left free goes back.
-        if events == pg_sys::WL_TIMEOUT as i32 && std::mem::take(&mut self.untrimmed) {
+        // Quiet for a while after work: what a burst left free goes back
+        // (not after every batch of a slow stream: its pages would only be
+        // faulted in again).
+        if events == pg_sys::WL_TIMEOUT as i32
+            && self.untrimmed.is_some_and(|t| t.elapsed() >= TRIM_AFTER)
+        {
+            self.untrimmed = None;
             super::release_free_memory();
         }
     }

@@ -8,6 +8,11 @@
 //! One keeper thread lives as long as the process and watches a
 //! connection per batch on request (a thread made and joined per batch
 //! cost a clone, a stack mapping and its unmapping every batch).
+//!
+//! A FATAL exit during a batch (SIGTERM seen inside a callback) does not
+//! unwind: the keeper goes on watching until the process's thread-locals
+//! are dropped at `exit()`. Nothing run at exit may touch a lent
+//! connection (none does: a consumer's exit callbacks never reach it).
 
 use std::cell::RefCell;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -46,13 +51,17 @@ thread_local! {
 }
 
 /// Runs `work` while the keeper thread looks after `conn`; returns what
-/// `work` returns (an error unwinding out of `work` takes the connection
-/// back first).
-pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> R {
+/// `work` returns, and false when the keeper died while it held the
+/// connection (perhaps mid-write: the session is not to be trusted). An
+/// error unwinding out of `work` takes the connection back first.
+pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> (R, bool) {
     if conn.keepalive_due_in().is_none() {
         // Heart-beats are off: nothing to keep.
-        return work();
+        return (work(), true);
     }
+    // Nothing waits to be written: a heart-beat is one short write, so the
+    // let-go comes within one write's timeout.
+    debug_assert_eq!(conn.queued_len(), 0);
     // The latch hooks call into PostgreSQL: the keeper waits in the kernel.
     let hooks = conn.set_hooks(None);
     let conn = std::ptr::from_mut(conn);
@@ -71,8 +80,15 @@ pub fn keep_alive<R>(conn: &mut Connection, work: impl FnOnce() -> R) -> R {
         }
         sent
     });
-    let _back = Lent { conn, hooks, lent };
-    work()
+    let back = Lent {
+        conn,
+        hooks,
+        lent,
+        kept: true,
+    };
+    let r = work();
+    let kept = back.take_back();
+    (r, kept)
 }
 
 /// The connection while `work` runs: dropped (after `work`, or while
@@ -82,22 +98,38 @@ struct Lent {
     conn: *mut Connection,
     hooks: Option<crate::stomp::client::Hooks>,
     lent: bool,
+    /// The keeper let go by answering (not by dying).
+    kept: bool,
+}
+
+impl Lent {
+    /// Takes the connection back; false when the keeper had died.
+    fn take_back(mut self) -> bool {
+        self.let_go();
+        self.kept
+    }
+
+    fn let_go(&mut self) {
+        if !std::mem::take(&mut self.lent) {
+            return;
+        }
+        KEEPER.with(|k| {
+            let mut k = k.borrow_mut();
+            let Some(keeper) = k.as_ref() else { return };
+            // Either answer means the keeper no longer holds the
+            // connection (a dead thread holds nothing).
+            let gone = keeper.asks.send(Ask::LetGo).is_err() || keeper.let_go.recv().is_err();
+            if gone {
+                self.kept = false;
+                *k = None;
+            }
+        });
+    }
 }
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        if self.lent {
-            KEEPER.with(|k| {
-                let mut k = k.borrow_mut();
-                let Some(keeper) = k.as_ref() else { return };
-                // Either answer means the keeper no longer holds the
-                // connection (a dead thread holds nothing).
-                let gone = keeper.asks.send(Ask::LetGo).is_err() || keeper.let_go.recv().is_err();
-                if gone {
-                    *k = None;
-                }
-            });
-        }
+        self.let_go();
         // SAFETY: `keep_alive`'s `&mut` borrow outlives this guard, and the
         // keeper has let go.
         unsafe { (*self.conn).set_hooks(self.hooks.take()) };
@@ -134,14 +166,18 @@ fn start() -> Option<Keeper> {
                         // A broken connection is found again by the main
                         // thread's next read; until then, nothing to do.
                         Err(RecvTimeoutError::Timeout) if conn.keepalive().is_err() => {
-                            if asked.recv().is_err() {
-                                return;
+                            match asked.recv() {
+                                Ok(Ask::LetGo) => break,
+                                Ok(Ask::Watch(_)) => {
+                                    unreachable!("one connection is lent at a time")
+                                }
+                                Err(_) => return,
                             }
-                            break;
                         }
                         Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => return,
-                        Ok(_) => break,
+                        Ok(Ask::LetGo) => break,
+                        Ok(Ask::Watch(_)) => unreachable!("one connection is lent at a time"),
                     }
                 }
                 if answer.send(()).is_err() {
@@ -163,7 +199,8 @@ impl SignalsBlocked {
             let mut all: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            debug_assert_eq!(rc, 0);
             SignalsBlocked(old)
         }
     }
