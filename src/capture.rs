@@ -2,8 +2,15 @@
 //! transactional logical-decoding *message* instead of a row, and the
 //! extension's own output plugin that hands such messages back.
 //!
-//! Vocabulary: the *payload* is one message in the extension's compact
-//! form (see `encode`); the *slot* is the database's logical replication
+//! Vocabulary: the *payload* is one logical message's content in the
+//! extension's compact form: a *chunk* of messages, each with its
+//! *sequence* number in its transaction (see `encode_chunk`; format 1, one
+//! message per payload, is still read). A transaction's messages wait in
+//! its *pending* chunk and are written as one logical message at
+//! pre-commit, or sooner when it grows large (then as a chunk of the
+//! (sub)transaction that wrote them, so a rollback to a savepoint takes
+//! them away); the reader puts a transaction's messages back in sequence
+//! order. The *slot* is the database's logical replication
 //! slot, `outbox_pg_<database oid>`, which the publisher creates and reads
 //! (worker/wal.rs). The plugin emits one row per message of ours (`M` and
 //! the payload) and, at the commit of a transaction that had any, one
@@ -11,7 +18,7 @@
 //! commit record, where the slot may advance once every message before it
 //! is confirmed.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -22,7 +29,10 @@ use crate::error::{OutboxError, Result};
 pub const PREFIX: &std::ffi::CStr = c"outbox_pg";
 /// The output plugin's name (the library).
 pub const PLUGIN: &str = "outbox_pg";
-const FORMAT: u8 = 1;
+/// One message per payload (written by 0.3; still read).
+const FORMAT_ONE: u8 = 1;
+/// A chunk: messages, each after its sequence number.
+const FORMAT_CHUNK: u8 = 2;
 
 /// The cluster's *key*: captured messages carry an HMAC-SHA256 made with
 /// it, and the plugin hands back only messages whose HMAC is right. Anyone
@@ -147,26 +157,48 @@ fn put(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// The payload: a format byte, the id, then length-prefixed texts
-/// (destination, headers, body, version; a missing version has length
-/// `u32::MAX`).
-pub fn encode(m: &Captured) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(1 + 16 + 20 + m.destination.len() + m.headers.len() + m.body.len());
-    out.push(FORMAT);
+/// One message: the id, then length-prefixed texts (destination,
+/// headers, body, version; a missing version has length `u32::MAX`).
+fn put_message(out: &mut Vec<u8>, m: &Captured) {
+    out.reserve(16 + 16 + m.destination.len() + m.headers.len() + m.body.len());
     out.extend_from_slice(&m.message_id);
-    put(&mut out, &m.destination);
-    put(&mut out, &m.headers);
-    put(&mut out, &m.body);
+    put(out, &m.destination);
+    put(out, &m.headers);
+    put(out, &m.body);
     match &m.version {
-        Some(v) => put(&mut out, v),
+        Some(v) => put(out, v),
         None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+    }
+}
+
+/// Appends one message and its sequence number to a chunk's messages.
+fn put_in_chunk(out: &mut Vec<u8>, seq: u32, m: &Captured) {
+    out.extend_from_slice(&seq.to_be_bytes());
+    put_message(out, m);
+}
+
+/// A chunk's payload: the format byte, then each message after its
+/// sequence number.
+#[cfg(test)]
+fn encode_chunk<'a>(messages: impl IntoIterator<Item = (u32, &'a Captured)>) -> Vec<u8> {
+    let mut out = vec![FORMAT_CHUNK];
+    for (seq, m) in messages {
+        put_in_chunk(&mut out, seq, m);
     }
     out
 }
 
-/// Reads a payload back; None when it is not one (another format).
-pub fn decode(data: &[u8]) -> Option<Captured> {
+/// A payload of format 1 (one message), as 0.3 wrote it.
+#[cfg(test)]
+fn encode_one(m: &Captured) -> Vec<u8> {
+    let mut out = vec![FORMAT_ONE];
+    put_message(&mut out, m);
+    out
+}
+
+/// Reads a payload back: its messages with their sequence numbers (0 for
+/// format 1); None when it is not one (another format, or cut).
+pub fn decode(data: &[u8]) -> Option<Vec<(u32, Captured)>> {
     fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if data.len() < n {
             return None;
@@ -183,22 +215,36 @@ pub fn decode(data: &[u8]) -> Option<Captured> {
         let bytes = take(data, len as usize)?;
         Some(Some(String::from_utf8(bytes.to_vec()).ok()?))
     }
-    let mut data = data;
-    if take(&mut data, 1)? != [FORMAT] {
-        return None;
+    fn message(data: &mut &[u8]) -> Option<Captured> {
+        let message_id: [u8; 16] = take(data, 16)?.try_into().ok()?;
+        let destination = text(data)??;
+        let headers = text(data)??;
+        let body = text(data)??;
+        let version = text(data)?;
+        Some(Captured {
+            message_id,
+            destination,
+            headers,
+            body,
+            version,
+        })
     }
-    let message_id: [u8; 16] = take(&mut data, 16)?.try_into().ok()?;
-    let destination = text(&mut data)??;
-    let headers = text(&mut data)??;
-    let body = text(&mut data)??;
-    let version = text(&mut data)?;
-    data.is_empty().then_some(Captured {
-        message_id,
-        destination,
-        headers,
-        body,
-        version,
-    })
+    let mut data = data;
+    match take(&mut data, 1)? {
+        [FORMAT_ONE] => {
+            let m = message(&mut data)?;
+            data.is_empty().then(|| vec![(0, m)])
+        }
+        [FORMAT_CHUNK] => {
+            let mut out = Vec::new();
+            while !data.is_empty() {
+                let seq = u32::from_be_bytes(take(&mut data, 4)?.try_into().ok()?);
+                out.push((seq, message(&mut data)?));
+            }
+            (!out.is_empty()).then_some(out)
+        }
+        _ => None,
+    }
 }
 
 // The C function behind pg_logical_emit_message (message.h, which the
@@ -264,9 +310,157 @@ pub fn check() -> Result<()> {
     Ok(())
 }
 
-/// Writes the message into the WAL, in the current transaction.
+// ---- the pending chunk -----------------------------------------------------
+
+/// A transaction's pending messages are written without waiting for its
+/// commit once they take this many bytes (memory stays bounded however
+/// many a transaction publishes).
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// The current transaction's messages not yet in the WAL.
+struct Pending {
+    /// Each message after its sequence number (`put_in_chunk`), in order.
+    buf: Vec<u8>,
+    /// Where the messages of each open subtransaction start: (nesting
+    /// level, offset in `buf`), one per level from 2 to the deepest that
+    /// wrote, levels increasing. The top level's start at 0.
+    marks: Vec<(i32, usize)>,
+    /// The next message's sequence number.
+    next: u32,
+    /// The chunk was written at pre-commit: a message written after that
+    /// (by another extension's pre-commit callback) goes at once.
+    closing: bool,
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> = const {
+        RefCell::new(Pending { buf: Vec::new(), marks: Vec::new(), next: 0, closing: false })
+    };
+    static HOOKED: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Pending {
+    /// Where the current level's messages start.
+    fn tail(&self) -> usize {
+        self.marks.last().map_or(0, |m| m.1)
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.marks.clear();
+        self.next = 0;
+        self.closing = false;
+        // What one huge transaction needed is not kept for the next.
+        if self.buf.capacity() > 2 * CHUNK_BYTES {
+            self.buf.shrink_to(CHUNK_BYTES);
+        }
+    }
+}
+
+/// Adds the message to the transaction's pending chunk (written at
+/// pre-commit, or now when the chunk is large).
 pub fn emit(m: &Captured) {
-    let Some(payload) = signed(encode(m)) else {
+    if !HOOKED.replace(true) {
+        // SAFETY: registering this library's callbacks, once per backend.
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(at_subxact_event), std::ptr::null_mut());
+        }
+    }
+    // SAFETY: a backend in a transaction.
+    let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+    let due = PENDING.with_borrow_mut(|p| {
+        debug_assert!(p.marks.last().is_none_or(|m| m.0 <= level));
+        let deepest = p.marks.last().map_or(1, |m| m.0);
+        for l in deepest + 1..=level {
+            let at = p.buf.len();
+            p.marks.push((l, at));
+        }
+        let seq = p.next;
+        let Some(next) = p.next.checked_add(1) else {
+            error!("outbox: more than 4294967295 messages captured in one transaction");
+        };
+        p.next = next;
+        put_in_chunk(&mut p.buf, seq, m);
+        p.closing || p.buf.len() - p.tail() >= CHUNK_BYTES
+    });
+    if due {
+        write_tail();
+    }
+}
+
+/// Writes the current level's pending messages as one chunk of the
+/// current (sub)transaction.
+fn write_tail() {
+    let messages = PENDING.with_borrow_mut(|p| {
+        let tail = p.tail();
+        p.buf.split_off(tail)
+    });
+    if messages.is_empty() {
+        return;
+    }
+    let mut payload = Vec::with_capacity(1 + messages.len() + TAG);
+    payload.push(FORMAT_CHUNK);
+    payload.extend_from_slice(&messages);
+    drop(messages);
+    write_payload(payload);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn at_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => {
+            // Every subtransaction has ended: all of it is the top level's.
+            PENDING.with_borrow_mut(|p| {
+                p.marks.clear();
+                p.closing = true;
+            });
+            write_tail();
+        }
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PREPARE
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_PARALLEL_ABORT => PENDING.with_borrow_mut(Pending::clear),
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn at_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    _mine: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    // The ending subtransaction is still the current one.
+    // SAFETY: a backend in a transaction.
+    let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+    match event {
+        // Its messages are now its parent's.
+        SUBXACT_EVENT_COMMIT_SUB => PENDING.with_borrow_mut(|p| p.marks.retain(|m| m.0 < level)),
+        // Its messages (and its children's) are gone with it; what it
+        // wrote already is skipped by decoding, as it aborted.
+        SUBXACT_EVENT_ABORT_SUB => PENDING.with_borrow_mut(|p| {
+            if let Some(i) = p.marks.iter().position(|m| m.0 >= level) {
+                let at = p.marks[i].1;
+                p.buf.truncate(at);
+                p.marks.truncate(i);
+            }
+        }),
+        _ => {}
+    }
+}
+
+/// Writes one payload into the WAL as a transactional logical message of
+/// the current (sub)transaction.
+fn write_payload(payload: Vec<u8>) {
+    let Some(payload) = signed(payload) else {
         OutboxError::NoSlot.raise();
     };
     // SAFETY: a WAL record from a backend in a transaction.
@@ -431,7 +625,24 @@ mod tests {
             version in proptest::option::of(".*"),
         ) {
             let m = Captured { message_id: id, destination, headers, body, version };
-            prop_assert_eq!(decode(&encode(&m)), Some(m));
+            prop_assert_eq!(decode(&encode_one(&m)), Some(vec![(0, m)]));
+        }
+
+        #[test]
+        fn a_chunk_reads_back_as_written(
+            messages in proptest::collection::vec(
+                (any::<u32>(), any::<[u8; 16]>(), ".*", ".*", ".*", proptest::option::of(".*")),
+                1..8,
+            ),
+        ) {
+            let messages: Vec<(u32, Captured)> = messages
+                .into_iter()
+                .map(|(seq, message_id, destination, headers, body, version)| {
+                    (seq, Captured { message_id, destination, headers, body, version })
+                })
+                .collect();
+            let p = encode_chunk(messages.iter().map(|(s, m)| (*s, m)));
+            prop_assert_eq!(decode(&p), Some(messages));
         }
 
         #[test]
@@ -449,9 +660,16 @@ mod tests {
             body: "1".into(),
             version: None,
         };
-        let p = encode(&m);
+        let p = encode_one(&m);
         for n in 0..p.len() {
             assert_eq!(decode(&p[..n]), None, "cut at {n}");
+        }
+        let p = encode_chunk([(0, &m), (1, &m)]);
+        let whole = p.len() - (p.len() - 1) / 2;
+        for n in 0..p.len() {
+            // Cut between its two messages, a chunk is a chunk of one.
+            let expected = (n == whole).then(|| vec![(0, m.clone())]);
+            assert_eq!(decode(&p[..n]), expected, "cut at {n}");
         }
     }
 }

@@ -425,28 +425,41 @@ impl Wal {
                     let data = r.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
                     match data.split_first() {
                         Some((b'M', payload)) => match capture::decode(payload) {
-                            Some(m) => open.push(m),
-                            None => warning!(
-                                "outbox publisher: a captured message at {lsn:X} is not in a known format; skipped"
-                            ),
+                            Some(messages) => open.extend(messages),
+                            // Signed with the cluster's key, so written by
+                            // outbox_pg, in a format this build does not
+                            // know (a newer one): never skipped, the slot
+                            // waits for a publisher that reads it.
+                            None => {
+                                return Err(format!(
+                                    "the captured message at {:X}/{:X} is in a format this build of outbox_pg does not read; restart the server with the build that wrote it, or a newer one",
+                                    lsn >> 32,
+                                    lsn & 0xffff_ffff
+                                ));
+                            }
                         },
                         Some((b'C', at)) if at.len() == 8 => transactions.push(Transaction {
-                            messages: std::mem::take(&mut open),
+                            messages: in_order(&mut open),
                             end: lsn,
                             committed: i64::from_be_bytes(at.try_into().expect("8 bytes")),
                         }),
                         _ => {}
                     }
                 }
-                Peeked {
+                Ok(Peeked {
                     transactions,
                     complete: count < rows,
                     target: target.1 as u64,
-                }
+                })
             })
         });
         match read {
-            Ok(p) => Some(p),
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(why)) => {
+                release_slot();
+                warning!("outbox publisher: {why}");
+                None
+            }
             Err(e) => {
                 release_slot();
                 warning!(
@@ -528,6 +541,15 @@ impl Wal {
         }
         true
     }
+}
+
+/// A transaction's messages in the order they were written: by sequence
+/// number (chunks of savepoints can be written before their parent's
+/// earlier messages). The sort is stable and linear on the usual, sorted
+/// input.
+fn in_order(open: &mut Vec<(u32, Captured)>) -> Vec<Captured> {
+    open.sort_by_key(|(seq, _)| *seq);
+    std::mem::take(open).into_iter().map(|(_, m)| m).collect()
 }
 
 /// The end of the WAL a look reads up to (and the slot may advance to):

@@ -196,6 +196,91 @@ fn a_trigger_captures_too_and_a_delayed_message_waits_in_the_table() {
     );
 }
 
+/// `n` captured messages to `d` tagged `tag`, with bodies of `pad`
+/// bytes; their ids in order.
+fn publish_tagged(
+    tx: &mut postgres::Transaction,
+    d: &str,
+    n: i32,
+    tag: &str,
+    pad: i32,
+) -> Vec<String> {
+    tx.query(
+        "SELECT outbox.publish($1, jsonb_build_object('tag', $2::text, 'i', g, 'pad', repeat('x', $3)))::text
+         FROM generate_series(1, $4) g",
+        &[&d, &tag, &pad, &n],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[test]
+fn savepoints_and_prepared_transactions_keep_their_messages_in_order() {
+    let _b = broker::shared_broker();
+    let cl = cluster(&["max_prepared_transactions = 2"]);
+    let d = format!("/topic/{}", unique("walsp"));
+    let mut sub = Subscriber::new(&d);
+    let mut c = wal_client(&cl);
+    let mut expected = Vec::new();
+    let mut tx = c.transaction().unwrap();
+    expected.extend(publish_tagged(&mut tx, &d, 3, "top, first", 10));
+    tx.batch_execute("SAVEPOINT a").unwrap();
+    publish_tagged(&mut tx, &d, 5, "rolled back, small", 10);
+    tx.batch_execute("ROLLBACK TO SAVEPOINT a").unwrap();
+    tx.batch_execute("SAVEPOINT b").unwrap();
+    // 300 messages of 2 kB pass the pending chunk's size: a chunk of the
+    // savepoint is written before the top level's first three.
+    expected.extend(publish_tagged(&mut tx, &d, 300, "released, large", 2000));
+    tx.batch_execute("SAVEPOINT c").unwrap();
+    publish_tagged(&mut tx, &d, 300, "rolled back, large", 2000);
+    tx.batch_execute("ROLLBACK TO SAVEPOINT c; RELEASE SAVEPOINT b")
+        .unwrap();
+    tx.batch_execute("SAVEPOINT e").unwrap();
+    expected.extend(publish_tagged(&mut tx, &d, 2, "released, small", 10));
+    tx.batch_execute("RELEASE SAVEPOINT e").unwrap();
+    expected.extend(publish_tagged(&mut tx, &d, 2, "top, last", 10));
+    tx.commit().unwrap();
+    // A prepared transaction's messages go at its COMMIT PREPARED, not
+    // before; a rolled-back one's never.
+    for (gid, commit) in [("walsp_rolled_back", false), ("walsp_committed", true)] {
+        let mut tx = c.transaction().unwrap();
+        let ids = publish_tagged(&mut tx, &d, 4, gid, 10);
+        tx.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
+            .unwrap();
+        if commit {
+            expected.extend(ids);
+        }
+    }
+    let frames = sub.take(expected.len() - 4, Duration::from_secs(30));
+    assert!(
+        sub.next(Duration::from_millis(1500)).is_none(),
+        "nothing of a prepared transaction before its commit"
+    );
+    c.batch_execute("ROLLBACK PREPARED 'walsp_rolled_back'")
+        .unwrap();
+    c.batch_execute("COMMIT PREPARED 'walsp_committed'")
+        .unwrap();
+    let frames = [frames, sub.take(4, Duration::from_secs(15))].concat();
+    assert!(
+        !frames
+            .iter()
+            .any(|f| String::from_utf8_lossy(&f.body).contains("rolled back")),
+        "nothing rolled back is sent"
+    );
+    assert_eq!(
+        ids(&frames),
+        expected,
+        "every kept message, in the order written"
+    );
+    assert!(
+        sub.next(Duration::from_millis(1000)).is_none(),
+        "nothing else"
+    );
+    assert_eq!(rows(&mut c), 0);
+}
+
 #[test]
 fn capture_in_the_wal_needs_wal_level_logical() {
     let cl = Cluster::start(&["outbox.stomp_hosts = '127.0.0.1:1'"]);
