@@ -278,6 +278,10 @@ pub fn wanted(delayed: bool) -> bool {
 /// and the database's slot exists (a message written before it would be
 /// lost).
 pub fn check() -> Result<()> {
+    // As the table's INSERT would be refused (a hot standby's transactions
+    // are read-only too): here, not at commit.
+    // SAFETY: raises the usual ERROR in a read-only transaction.
+    unsafe { pg_sys::PreventCommandIfReadOnly(c"outbox.publish()".as_ptr()) };
     // SAFETY: reading a GUC variable.
     if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
         return Err(OutboxError::WalLevel);
@@ -315,7 +319,7 @@ pub fn check() -> Result<()> {
 /// A transaction's pending messages are written without waiting for its
 /// commit once they take this many bytes (memory stays bounded however
 /// many a transaction publishes).
-const CHUNK_BYTES: usize = 256 << 10;
+const CHUNK_BYTES: usize = 64 << 10;
 
 /// The current transaction's messages not yet in the WAL.
 struct Pending {
@@ -336,7 +340,17 @@ thread_local! {
     static PENDING: RefCell<Pending> = const {
         RefCell::new(Pending { buf: Vec::new(), marks: Vec::new(), next: 0, closing: false })
     };
-    static HOOKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Registers the pending chunk's transaction callbacks (from `_PG_init`:
+/// registered during another callback's run, they would miss that
+/// transaction's end).
+pub fn register_callbacks() {
+    // SAFETY: registering this library's callbacks, once per process.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(at_subxact_event), std::ptr::null_mut());
+    }
 }
 
 impl Pending {
@@ -360,12 +374,10 @@ impl Pending {
 /// Adds the message to the transaction's pending chunk (written at
 /// pre-commit, or now when the chunk is large).
 pub fn emit(m: &Captured) {
-    if !HOOKED.replace(true) {
-        // SAFETY: registering this library's callbacks, once per backend.
-        unsafe {
-            pg_sys::RegisterXactCallback(Some(at_xact_event), std::ptr::null_mut());
-            pg_sys::RegisterSubXactCallback(Some(at_subxact_event), std::ptr::null_mut());
-        }
+    // SAFETY: reads of the transaction's state.
+    if unsafe { pg_sys::IsInParallelMode() } {
+        // A parallel worker's transaction end writes nothing.
+        error!("outbox: cannot capture a message during a parallel operation");
     }
     // SAFETY: a backend in a transaction.
     let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
@@ -442,7 +454,24 @@ unsafe extern "C-unwind" fn at_subxact_event(
     // SAFETY: a backend in a transaction.
     let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
     match event {
-        // Its messages are now its parent's.
+        // Its messages become its parent's at COMMIT_SUB; when they would
+        // make the parent's too large, they are written now instead, as
+        // its own chunk (still the current subtransaction), so that a run
+        // of released savepoints cannot pile up messages without bound.
+        SUBXACT_EVENT_PRE_COMMIT_SUB => {
+            let due = PENDING.with_borrow(|p| {
+                let parent = p
+                    .marks
+                    .iter()
+                    .rev()
+                    .find(|m| m.0 < level)
+                    .map_or(0, |m| m.1);
+                p.marks.last().is_some_and(|m| m.0 == level) && p.buf.len() - parent >= CHUNK_BYTES
+            });
+            if due {
+                write_tail();
+            }
+        }
         SUBXACT_EVENT_COMMIT_SUB => PENDING.with_borrow_mut(|p| p.marks.retain(|m| m.0 < level)),
         // Its messages (and its children's) are gone with it; what it
         // wrote already is skipped by decoding, as it aborted.

@@ -44,6 +44,7 @@ pub extern "C-unwind" fn _PG_init() {
         return;
     }
     guc::init();
+    capture::register_callbacks();
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init_shared_memory();
         capture::load_key();

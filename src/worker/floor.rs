@@ -102,7 +102,7 @@ impl Floor {
         let Some(last) = self.settled.take() else {
             return;
         };
-        let first = Spi::get_one_with_args::<i64>(
+        let first = super::write_one::<i64>(
             "SELECT min(id) FROM outbox.published WHERE status = 'scheduled' AND id >= $1",
             &[pgrx::datum::DatumWithOid::from(self.at)],
         )

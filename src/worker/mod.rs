@@ -147,15 +147,66 @@ pub fn pin_search_path() {
     }
 }
 
-/// The first column of the first row of a read-only statement. pgrx's
-/// `Spi::get_one_with_args` runs statements as writes, which gives the
-/// transaction an id: a worker's look would burn one (and write a commit
-/// record), and PostgreSQL makes no slot in such a transaction.
+thread_local! {
+    /// The statements this worker has prepared and kept, by their text.
+    static KEPT: std::cell::RefCell<
+        std::collections::HashMap<&'static str, &'static pgrx::spi::OwnedPreparedStatement>,
+    > = std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// `sql`, prepared at its first run for arguments of `args`' types (the
+/// same at every run) and kept for the process's life: parsing and planning
+/// a publisher's few statements at every look was a quarter of its CPU.
+/// PostgreSQL's plan cache plans a kept statement again when what it
+/// reads changes (the extension dropped and made again, say). `writes`: run
+/// as a write (a fresh snapshot per statement) rather than read-only.
+pub fn kept(
+    c: &pgrx::spi::SpiClient,
+    sql: &'static str,
+    args: &[pgrx::datum::DatumWithOid],
+    writes: bool,
+) -> pgrx::spi::Result<&'static pgrx::spi::OwnedPreparedStatement> {
+    if let Some(p) = KEPT.with_borrow(|k| k.get(sql).copied()) {
+        return Ok(p);
+    }
+    let types: Vec<pg_sys::PgOid> = args.iter().map(|a| pg_sys::PgOid::from(a.oid())).collect();
+    let prepared = if writes {
+        c.prepare_mut(sql, &types)?
+    } else {
+        c.prepare(sql, &types)?
+    };
+    // Kept once per statement text, for good: a handful per worker.
+    let p: &'static _ = Box::leak(Box::new(prepared.keep()));
+    KEPT.with_borrow_mut(|k| k.insert(sql, p));
+    Ok(p)
+}
+
+/// The first column of the first row of a read-only statement (kept, see
+/// `kept`). pgrx's `Spi::get_one_with_args` runs statements as writes,
+/// which gives the transaction an id: a worker's look would burn one (and
+/// write a commit record), and PostgreSQL makes no slot in such a
+/// transaction.
 fn read_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
-    sql: &str,
+    sql: &'static str,
     args: &[pgrx::datum::DatumWithOid],
 ) -> pgrx::spi::Result<Option<T>> {
-    pgrx::spi::Spi::connect(|c| c.select(sql, Some(1), args)?.first().get_one::<T>())
+    pgrx::spi::Spi::connect(|c| {
+        c.select(kept(c, sql, args, false)?, Some(1), args)?
+            .first()
+            .get_one::<T>()
+    })
+}
+
+/// The first row's first columns of a statement run as a write, as
+/// `Spi::get_one_with_args` runs it (kept, see `kept`).
+fn write_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &'static str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> pgrx::spi::Result<Option<T>> {
+    pgrx::spi::Spi::connect_mut(|c| {
+        let stmt = kept(c, sql, args, true)?;
+        c.update(stmt, Some(1), args)?.first().get_one::<T>()
+    })
 }
 
 /// Whether the extension's table `outbox.<name>` exists in this database

@@ -363,9 +363,11 @@ impl Publisher {
             match delivered {
                 Ok(0) => {}
                 Ok(_) => {
-                    // More may wait (looked at again at once); spilled rows
-                    // are in the table now. The table's turn comes first.
-                    self.wal_busy = true;
+                    // More waits when the look was cut (looked at again at
+                    // once; a capture committed since is seen by its
+                    // counter); spilled rows are in the table now. The
+                    // table's turn comes first.
+                    self.wal_busy = self.wal.cut;
                     self.idle = false;
                     self.rescan = true;
                 }

@@ -24,9 +24,11 @@ use crate::capture::{self, Captured};
 use crate::stomp::client::{Connection, StompError};
 
 /// Rows one peek asks for (complete transactions: PostgreSQL stops after
-/// the transaction that reaches it). Each look decodes again from the
-/// slot's restart point, so a drain takes big looks.
-const PEEK_ROWS: i64 = 10_000;
+/// the transaction that reaches it). A row is a chunk of up to 64 kB of
+/// messages, so a look holds at most about 128 MB and its last
+/// transaction. Each look decodes again from the slot's restart point, so
+/// a drain takes big looks.
+const PEEK_ROWS: i64 = 2_000;
 /// How often a database without its slot looks whether it can make it.
 const SLOT_RETRY: Duration = Duration::from_secs(60);
 
@@ -45,11 +47,15 @@ struct Peeked {
     /// Every transaction before the target was read (no cut).
     complete: bool,
     target: u64,
+    /// Why the look stopped before a message it cannot read.
+    stuck: Option<String>,
 }
 
 #[derive(Default)]
 pub struct Wal {
     slot: String,
+    /// The last look was cut at its row limit: more waits behind it.
+    pub cut: bool,
     /// The slot exists.
     ready: bool,
     /// When the slot was last looked for (none yet: now).
@@ -71,11 +77,11 @@ pub struct Wal {
 /// How far the slot's restart point may trail what it confirmed before the
 /// publisher logs a snapshot of running transactions: every look decodes
 /// the WAL again from that point.
-const RESTART_LAG: i64 = 1 << 20;
+const RESTART_LAG: i64 = 128 << 10;
 
 /// How often such a snapshot may be logged while the restart point follows,
 /// and at most how seldom while it does not.
-const NUDGE_EVERY: Duration = Duration::from_secs(1);
+const NUDGE_EVERY: Duration = Duration::from_millis(250);
 const NUDGE_MAX: Duration = Duration::from_secs(64);
 
 /// PostgreSQL's epoch (2000-01-01) in Unix milliseconds.
@@ -199,6 +205,8 @@ impl Wal {
             return Ok(0);
         };
         self.waiting_since = None;
+        // Not looked at again at once when stuck: at the next poll.
+        self.cut = !peeked.complete && peeked.stuck.is_none();
         let n: usize = peeked.transactions.iter().map(|t| t.messages.len()).sum();
         self.oldest_waiting = peeked
             .transactions
@@ -218,17 +226,18 @@ impl Wal {
             ));
         }
         super::busy(&format!("sending {n} captured message(s)"));
-        let mut sent = Flight::send(conn, frames, style, transactions)?;
-        let mut read = Ok(());
-        while !sent.settled() {
-            read = flight::collect(conn, std::slice::from_mut(&mut sent), receipt_timeout);
-            if read.is_err() || !sent.unattributed.is_empty() {
-                break;
-            }
-        }
-        let confirmed: std::collections::HashSet<i64> = sent.confirmed.iter().copied().collect();
-        let refused: std::collections::HashMap<i64, String> =
-            sent.refused.iter().cloned().collect();
+        let flights = send_in_flights(conn, frames, style, transactions, receipt_timeout);
+        let read = flights.1;
+        let confirmed: std::collections::HashSet<i64> = flights
+            .0
+            .iter()
+            .flat_map(|f| f.confirmed.iter().copied())
+            .collect();
+        let refused: std::collections::HashMap<i64, String> = flights
+            .0
+            .iter()
+            .flat_map(|f| f.refused.iter().cloned())
+            .collect();
         if read.is_err() {
             // Advance past the transactions confirmed whole; the rest is
             // sent again on the next connection.
@@ -304,7 +313,10 @@ impl Wal {
                 break;
             }
             moved += messages.len();
-            if !self.advance(&peeked, peeked.transactions.len()) || peeked.complete {
+            if !self.advance(&peeked, peeked.transactions.len())
+                || peeked.complete
+                || peeked.stuck.is_some()
+            {
                 break;
             }
         }
@@ -404,21 +416,24 @@ impl Wal {
                     format!("{:X}/{:X}", bound >> 32, bound & 0xffff_ffff),
                     bound as i64,
                 );
-                let rows_read = c
-                    .select(
-                        "SELECT (lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, data \
-                         FROM pg_catalog.pg_logical_slot_peek_binary_changes($1, $2::pg_catalog.pg_lsn, $3::int4)",
-                        None,
-                        &[
-                            DatumWithOid::from(slot.as_str()),
-                            DatumWithOid::from(target.0.as_str()),
-                            DatumWithOid::from(rows as i32),
-                        ],
-                    )
-                    .unwrap_or_else(|e| error!("could not read slot \"{slot}\": {e}"));
+                let args = [
+                    DatumWithOid::from(slot.as_str()),
+                    DatumWithOid::from(target.0.as_str()),
+                    DatumWithOid::from(rows as i32),
+                ];
+                let rows_read = super::kept(
+                    c,
+                    "SELECT (lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, data \
+                     FROM pg_catalog.pg_logical_slot_peek_binary_changes($1, $2::pg_catalog.pg_lsn, $3::int4)",
+                    &args,
+                    false,
+                )
+                .and_then(|stmt| c.select(stmt, None, &args))
+                .unwrap_or_else(|e| error!("could not read slot \"{slot}\": {e}"));
                 let mut transactions = Vec::new();
                 let mut open = Vec::new();
                 let mut count = 0i64;
+                let mut stuck = None;
                 for r in rows_read {
                     count += 1;
                     let lsn = r.get::<i64>(1).ok().flatten().unwrap_or_default() as u64;
@@ -428,14 +443,16 @@ impl Wal {
                             Some(messages) => open.extend(messages),
                             // Signed with the cluster's key, so written by
                             // outbox_pg, in a format this build does not
-                            // know (a newer one): never skipped, the slot
-                            // waits for a publisher that reads it.
+                            // know (a newer one): never skipped. The look
+                            // ends before its transaction (the slot stops
+                            // there and waits for a publisher that reads it).
                             None => {
-                                return Err(format!(
+                                stuck = Some(format!(
                                     "the captured message at {:X}/{:X} is in a format this build of outbox_pg does not read; restart the server with the build that wrote it, or a newer one",
                                     lsn >> 32,
                                     lsn & 0xffff_ffff
                                 ));
+                                break;
                             }
                         },
                         Some((b'C', at)) if at.len() == 8 => transactions.push(Transaction {
@@ -446,19 +463,21 @@ impl Wal {
                         _ => {}
                     }
                 }
-                Ok(Peeked {
+                Peeked {
                     transactions,
-                    complete: count < rows,
+                    complete: count < rows && stuck.is_none(),
                     target: target.1 as u64,
-                })
+                    stuck,
+                }
             })
         });
         match read {
-            Ok(Ok(p)) => Some(p),
-            Ok(Err(why)) => {
-                release_slot();
-                warning!("outbox publisher: {why}");
-                None
+            Ok(p) => {
+                if let Some(why) = &p.stuck {
+                    warning!("outbox publisher: {why}");
+                    crate::status::Reporter::Publisher.error(why);
+                }
+                Some(p)
             }
             Err(e) => {
                 release_slot();
@@ -542,6 +561,54 @@ impl Wal {
         true
     }
 }
+
+/// Sends a look's frames as the table's drain does: flights of
+/// `outbox.batch_size`, `IN_THE_AIR` at once (the next goes out while the
+/// receipts of the first come in), none more while one is in trouble.
+/// Returns every flight sent, and how the reading ended: an error (the
+/// connection broke) or an ERROR no flight could be charged with stops the
+/// sending; what was not confirmed is then judged by the caller.
+fn send_in_flights(
+    conn: &mut Connection,
+    frames: Vec<(i64, crate::stomp::frame::Frame)>,
+    style: Style,
+    transactions: &mut u64,
+    receipt_timeout: Duration,
+) -> (Vec<Flight>, Result<(), StompError>) {
+    let per = crate::guc::BATCH_SIZE.get().max(1) as usize;
+    let mut waiting = frames.into_iter().peekable();
+    let mut flights: Vec<Flight> = Vec::new();
+    // Flights before this one have landed.
+    let mut landed = 0;
+    loop {
+        while flights.len() - landed < IN_THE_AIR
+            && !flights[landed..].iter().any(Flight::troubled)
+            && waiting.peek().is_some()
+        {
+            let rows: Vec<_> = waiting.by_ref().take(per).collect();
+            match Flight::send(conn, rows, style, transactions) {
+                Ok(f) => flights.push(f),
+                Err(e) => return (flights, Err(e)),
+            }
+        }
+        while flights.get(landed).is_some_and(Flight::settled) {
+            landed += 1;
+        }
+        if landed == flights.len() {
+            if waiting.peek().is_none() {
+                return (flights, Ok(()));
+            }
+            continue;
+        }
+        let read = flight::collect(conn, &mut flights[landed..], receipt_timeout);
+        if read.is_err() || flights[landed..].iter().any(|f| !f.unattributed.is_empty()) {
+            return (flights, read);
+        }
+    }
+}
+
+/// Flights of a look in the air at once (as the table's drain).
+const IN_THE_AIR: usize = 3;
 
 /// A transaction's messages in the order they were written: by sequence
 /// number (chunks of savepoints can be written before their parent's

@@ -278,6 +278,41 @@ fn savepoints_and_prepared_transactions_keep_their_messages_in_order() {
         sub.next(Duration::from_millis(1000)).is_none(),
         "nothing else"
     );
+    // A thousand released subtransactions (a PL/pgSQL exception block
+    // each), every tenth rolled back: 2 MB that no level holds alone is
+    // written as it goes, and arrives whole and in order.
+    c.batch_execute(&format!(
+        "DO $$ BEGIN
+           FOR i IN 1..1000 LOOP
+             BEGIN
+               PERFORM outbox.publish('{d}', jsonb_build_object('i', i, 'pad', repeat('x', 2000)));
+               IF i % 10 = 0 THEN RAISE EXCEPTION 'rolled back'; END IF;
+             EXCEPTION WHEN raise_exception THEN NULL;
+             END;
+           END LOOP;
+         END $$"
+    ))
+    .unwrap();
+    let frames = sub.take(900, Duration::from_secs(30));
+    let seen: Vec<i32> = frames
+        .iter()
+        .map(|f| {
+            let body = String::from_utf8_lossy(&f.body);
+            let at = body.find("\"i\": ").expect("an i") + 5;
+            body[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let kept: Vec<i32> = (1..=1000).filter(|i| i % 10 != 0).collect();
+    assert_eq!(seen, kept, "kept, in order, the rolled back left out");
+    assert!(
+        sub.next(Duration::from_millis(1000)).is_none(),
+        "nothing else"
+    );
     assert_eq!(rows(&mut c), 0);
 }
 
