@@ -149,9 +149,16 @@ pub fn pin_search_path() {
 
 thread_local! {
     /// The statements this worker has prepared and kept, by their text.
-    static KEPT: std::cell::RefCell<
-        std::collections::HashMap<&'static str, &'static pgrx::spi::OwnedPreparedStatement>,
-    > = std::cell::RefCell::new(std::collections::HashMap::new());
+    static KEPT: std::cell::RefCell<std::collections::HashMap<&'static str, Kept>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// A kept statement, with what it was prepared for.
+#[derive(Clone)]
+struct Kept {
+    plan: &'static pgrx::spi::OwnedPreparedStatement,
+    types: Vec<pg_sys::Oid>,
+    writes: bool,
 }
 
 /// `sql`, prepared at its first run for arguments of `args`' types (the
@@ -166,19 +173,32 @@ pub fn kept(
     args: &[pgrx::datum::DatumWithOid],
     writes: bool,
 ) -> pgrx::spi::Result<&'static pgrx::spi::OwnedPreparedStatement> {
-    if let Some(p) = KEPT.with_borrow(|k| k.get(sql).copied()) {
-        return Ok(p);
+    let types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
+    if let Some(k) = KEPT.with_borrow(|k| k.get(sql).cloned()) {
+        if k.types != types || k.writes != writes {
+            pgrx::error!("outbox: a kept statement was run with other arguments: {sql}");
+        }
+        return Ok(k.plan);
     }
-    let types: Vec<pg_sys::PgOid> = args.iter().map(|a| pg_sys::PgOid::from(a.oid())).collect();
+    let oids: Vec<pg_sys::PgOid> = types.iter().map(|t| pg_sys::PgOid::from(*t)).collect();
     let prepared = if writes {
-        c.prepare_mut(sql, &types)?
+        c.prepare_mut(sql, &oids)?
     } else {
-        c.prepare(sql, &types)?
+        c.prepare(sql, &oids)?
     };
     // Kept once per statement text, for good: a handful per worker.
-    let p: &'static _ = Box::leak(Box::new(prepared.keep()));
-    KEPT.with_borrow_mut(|k| k.insert(sql, p));
-    Ok(p)
+    let plan: &'static _ = Box::leak(Box::new(prepared.keep()));
+    KEPT.with_borrow_mut(|k| {
+        k.insert(
+            sql,
+            Kept {
+                plan,
+                types,
+                writes,
+            },
+        )
+    });
+    Ok(plan)
 }
 
 /// The first column of the first row of a read-only statement (kept, see

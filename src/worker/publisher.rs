@@ -406,6 +406,12 @@ impl Publisher {
         if !self.wal.prepare() {
             return false;
         }
+        // Cleared first: a capture committed after the load below sets
+        // the latch again (a wake-up left pending by a table commit would
+        // keep it from doing so).
+        crate::shmem::mine()
+            .wake_pending
+            .store(false, Ordering::Release);
         let commits = crate::shmem::mine().captures.load(Ordering::Acquire);
         let due = self.wal_busy
             || self.wal_commits != Some(commits)
@@ -711,15 +717,17 @@ fn extension_ready() -> bool {
 /// (a lock would write every row a second time).
 fn claim(limit: i64, after: i64) -> Vec<Row> {
     Spi::connect(|client| {
-        let rows = client
-            .select(
-                "SELECT id, destination, headers::text, body::text FROM outbox.published \
-                 WHERE status = 'scheduled' AND next_attempt_at <= pg_catalog.now() AND id > $2 \
-                 ORDER BY id LIMIT $1",
-                None,
-                &[DatumWithOid::from(limit), DatumWithOid::from(after)],
-            )
-            .unwrap_or_else(|e| error!("outbox publisher: could not read the outbox: {e}"));
+        let args = [DatumWithOid::from(limit), DatumWithOid::from(after)];
+        let rows = super::kept(
+            client,
+            "SELECT id, destination, headers::text, body::text FROM outbox.published \
+             WHERE status = 'scheduled' AND next_attempt_at <= pg_catalog.now() AND id > $2 \
+             ORDER BY id LIMIT $1",
+            &args,
+            false,
+        )
+        .and_then(|stmt| client.select(stmt, None, &args))
+        .unwrap_or_else(|e| error!("outbox publisher: could not read the outbox: {e}"));
         rows.map(|r| Row {
             id: r.get::<i64>(1).ok().flatten().unwrap_or_default(),
             destination: r.get::<String>(2).ok().flatten().unwrap_or_default(),
@@ -734,14 +742,16 @@ fn claim(limit: i64, after: i64) -> Vec<Row> {
 fn record(v: &Verdict) {
     Spi::connect_mut(|client| {
         if !v.published.is_empty() {
-            client
-                .update(
-                    "UPDATE outbox.published SET status = 'published', published_at = pg_catalog.clock_timestamp() \
-                     WHERE id = ANY($1)",
-                    None,
-                    &[DatumWithOid::from(v.published.clone())],
-                )
-                .unwrap_or_else(|e| error!("outbox publisher: could not mark rows published: {e}"));
+            let args = [DatumWithOid::from(v.published.clone())];
+            super::kept(
+                client,
+                "UPDATE outbox.published SET status = 'published', published_at = pg_catalog.clock_timestamp() \
+                 WHERE id = ANY($1)",
+                &args,
+                true,
+            )
+            .and_then(|stmt| client.update(stmt, None, &args))
+            .unwrap_or_else(|e| error!("outbox publisher: could not mark rows published: {e}"));
         }
         for (id, why) in &v.refused {
             let max = guc::MAXIMUM_RETRY_ATTEMPTS.get();
@@ -777,7 +787,7 @@ fn record(v: &Verdict) {
 /// a big backlog would otherwise choose one). Rows beyond those are found
 /// by the next look at the latest.
 fn seconds_to_next_due(floor: i64) -> Option<f64> {
-    Spi::get_one_with_args::<f64>(
+    super::write_one::<f64>(
         "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - pg_catalog.clock_timestamp())::float8 \
          FROM (SELECT next_attempt_at FROM outbox.published WHERE status = 'scheduled' AND id >= $1 \
                ORDER BY id LIMIT 10000) AS waiting",

@@ -56,6 +56,10 @@ pub struct Wal {
     slot: String,
     /// The last look was cut at its row limit: more waits behind it.
     pub cut: bool,
+    /// Frames numbered so far (see `deliver`).
+    numbered: i64,
+    /// The last message found unreadable, and when that was said.
+    stuck_said: Option<(String, Instant)>,
     /// The slot exists.
     ready: bool,
     /// When the slot was last looked for (none yet: now).
@@ -81,7 +85,10 @@ const RESTART_LAG: i64 = 128 << 10;
 
 /// How often such a snapshot may be logged while the restart point follows,
 /// and at most how seldom while it does not.
-const NUDGE_EVERY: Duration = Duration::from_millis(250);
+const NUDGE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a message the publisher cannot read is said again.
+const STUCK_SAY_EVERY: Duration = Duration::from_secs(60);
 const NUDGE_MAX: Duration = Duration::from_secs(64);
 
 /// PostgreSQL's epoch (2000-01-01) in Unix milliseconds.
@@ -217,26 +224,32 @@ impl Wal {
             return Ok(0);
         }
         let style = Style::of(conn.server());
+        // Frames are numbered below zero (never a row's id) and never twice
+        // in the process: a late receipt of an earlier look confirms
+        // nothing of this one. Below, messages go by their index.
+        let base = self.numbered;
+        self.numbered += n as i64;
         let mut frames = Vec::with_capacity(n);
         for m in peeked.transactions.iter().flat_map(|t| &t.messages) {
-            let id = frames.len() as i64;
+            let id = -(base + frames.len() as i64) - 1;
             frames.push((
                 id,
                 crate::broker::send_frame(&m.destination, &m.headers, &m.body),
             ));
         }
+        let index = |id: i64| -id - 1 - base;
         super::busy(&format!("sending {n} captured message(s)"));
         let flights = send_in_flights(conn, frames, style, transactions, receipt_timeout);
         let read = flights.1;
         let confirmed: std::collections::HashSet<i64> = flights
             .0
             .iter()
-            .flat_map(|f| f.confirmed.iter().copied())
+            .flat_map(|f| f.confirmed.iter().map(|id| index(*id)))
             .collect();
         let refused: std::collections::HashMap<i64, String> = flights
             .0
             .iter()
-            .flat_map(|f| f.refused.iter().cloned())
+            .flat_map(|f| f.refused.iter().map(|(id, why)| (index(*id), why.clone())))
             .collect();
         if read.is_err() {
             // Advance past the transactions confirmed whole; the rest is
@@ -474,8 +487,16 @@ impl Wal {
         match read {
             Ok(p) => {
                 if let Some(why) = &p.stuck {
-                    warning!("outbox publisher: {why}");
-                    crate::status::Reporter::Publisher.error(why);
+                    // Said again once a minute while it stays.
+                    let said = self
+                        .stuck_said
+                        .as_ref()
+                        .is_some_and(|(w, t)| w == why && t.elapsed() < STUCK_SAY_EVERY);
+                    if !said {
+                        warning!("outbox publisher: {why}");
+                        crate::status::Reporter::Publisher.error(why);
+                        self.stuck_said = Some((why.clone(), Instant::now()));
+                    }
                 }
                 Some(p)
             }
@@ -580,11 +601,12 @@ fn send_in_flights(
     let mut flights: Vec<Flight> = Vec::new();
     // Flights before this one have landed.
     let mut landed = 0;
+    // Once a flight is in trouble nothing more goes out (what follows a
+    // refused message must not overtake it): the rest is judged unsent.
+    let mut troubled = false;
     loop {
-        while flights.len() - landed < IN_THE_AIR
-            && !flights[landed..].iter().any(Flight::troubled)
-            && waiting.peek().is_some()
-        {
+        troubled |= flights[landed..].iter().any(Flight::troubled);
+        while flights.len() - landed < IN_THE_AIR && !troubled && waiting.peek().is_some() {
             let rows: Vec<_> = waiting.by_ref().take(per).collect();
             match Flight::send(conn, rows, style, transactions) {
                 Ok(f) => flights.push(f),
@@ -595,7 +617,7 @@ fn send_in_flights(
             landed += 1;
         }
         if landed == flights.len() {
-            if waiting.peek().is_none() {
+            if troubled || waiting.peek().is_none() {
                 return (flights, Ok(()));
             }
             continue;
