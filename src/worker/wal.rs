@@ -294,7 +294,10 @@ impl Wal {
         }
         let spilled = spill.len();
         if spilled > 0 && !store(&spill) {
-            // Not stored: the slot keeps them, they are sent again.
+            // Not stored: the slot keeps them, they are sent again, at the
+            // next poll (not at once: the confirmed ones would go again
+            // and again while the table cannot be written).
+            self.cut = false;
             return Ok(n);
         }
         crate::status::Reporter::Publisher.count((n - spilled) as u64);
