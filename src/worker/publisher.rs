@@ -403,7 +403,7 @@ impl Publisher {
     /// Whether to peek at the slot now: captures committed since the last
     /// peek, the last one found messages, or a poll interval passed.
     fn wal_due(&mut self, poll: Duration) -> bool {
-        if !self.wal.prepare() {
+        if !self.wal.prepare() || self.wal.held() {
             return false;
         }
         // Cleared first: a capture committed after the load below sets

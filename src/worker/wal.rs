@@ -60,6 +60,8 @@ pub struct Wal {
     numbered: i64,
     /// The last message found unreadable, and when that was said.
     stuck_said: Option<(String, Instant)>,
+    /// No look before this (refused messages could not be stored).
+    hold_until: Option<Instant>,
     /// The slot exists.
     ready: bool,
     /// When the slot was last looked for (none yet: now).
@@ -86,10 +88,14 @@ const RESTART_LAG: i64 = 128 << 10;
 /// How often such a snapshot may be logged while the restart point follows,
 /// and at most how seldom while it does not.
 const NUDGE_EVERY: Duration = Duration::from_secs(1);
-
-/// How often a message the publisher cannot read is said again.
-const STUCK_SAY_EVERY: Duration = Duration::from_secs(60);
 const NUDGE_MAX: Duration = Duration::from_secs(64);
+
+/// How often a message the publisher cannot read is said again in the log.
+const STUCK_SAY_EVERY: Duration = Duration::from_secs(60);
+
+/// How long the slot is left alone after messages the broker refused
+/// could not be stored in the table.
+const HOLD_AFTER_FAILED_STORE: Duration = Duration::from_secs(1);
 
 /// PostgreSQL's epoch (2000-01-01) in Unix milliseconds.
 const PG_EPOCH_MS: i64 = 946_684_800_000;
@@ -251,9 +257,8 @@ impl Wal {
             .iter()
             .flat_map(|f| f.refused.iter().map(|(id, why)| (index(*id), why.clone())))
             .collect();
-        if read.is_err() {
-            // Advance past the transactions confirmed whole; the rest is
-            // sent again on the next connection.
+        // The transactions confirmed whole, from the first.
+        let whole = {
             let mut i = 0;
             let mut whole = 0;
             for t in &peeked.transactions {
@@ -264,6 +269,11 @@ impl Wal {
                 }
                 whole += 1;
             }
+            whole
+        };
+        if read.is_err() {
+            // Advance past the transactions confirmed whole; the rest is
+            // sent again on the next connection.
             crate::status::Reporter::Publisher.count(confirmed.len() as u64);
             self.advance(&peeked, whole);
             return read.map(|_| 0);
@@ -294,10 +304,13 @@ impl Wal {
         }
         let spilled = spill.len();
         if spilled > 0 && !store(&spill) {
-            // Not stored: the slot keeps them, they are sent again, at the
-            // next poll (not at once: the confirmed ones would go again
-            // and again while the table cannot be written).
+            // Not stored: the slot keeps them and they are sent again, but
+            // not at once (what was confirmed with them would go again and
+            // again while the table cannot be written): the slot moves
+            // past the transactions confirmed whole, and waits a while.
             self.cut = false;
+            self.hold_until = Some(Instant::now() + HOLD_AFTER_FAILED_STORE);
+            self.advance(&peeked, whole);
             return Ok(n);
         }
         crate::status::Reporter::Publisher.count((n - spilled) as u64);
@@ -398,6 +411,11 @@ impl Wal {
         }
     }
 
+    /// Looks wait (see `hold_until`).
+    pub fn held(&self) -> bool {
+        self.hold_until.is_some_and(|t| Instant::now() < t)
+    }
+
     /// The slot exists and is read.
     pub fn is_ready(&self) -> bool {
         self.ready
@@ -490,14 +508,14 @@ impl Wal {
         match read {
             Ok(p) => {
                 if let Some(why) = &p.stuck {
-                    // Said again once a minute while it stays.
+                    crate::status::Reporter::Publisher.error(why);
+                    // Logged again once a minute while it stays.
                     let said = self
                         .stuck_said
                         .as_ref()
                         .is_some_and(|(w, t)| w == why && t.elapsed() < STUCK_SAY_EVERY);
                     if !said {
                         warning!("outbox publisher: {why}");
-                        crate::status::Reporter::Publisher.error(why);
                         self.stuck_said = Some((why.clone(), Instant::now()));
                     }
                 }
