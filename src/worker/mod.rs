@@ -154,7 +154,6 @@ thread_local! {
 }
 
 /// A kept statement, with what it was prepared for.
-#[derive(Clone)]
 struct Kept {
     plan: &'static pgrx::spi::OwnedPreparedStatement,
     types: Vec<pg_sys::Oid>,
@@ -173,13 +172,20 @@ pub fn kept(
     args: &[pgrx::datum::DatumWithOid],
     writes: bool,
 ) -> pgrx::spi::Result<&'static pgrx::spi::OwnedPreparedStatement> {
-    let types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
-    if let Some(k) = KEPT.with_borrow(|k| k.get(sql).cloned()) {
-        if k.types != types || k.writes != writes {
+    let found = KEPT.with_borrow(|k| {
+        k.get(sql).map(|k| {
+            let same =
+                k.writes == writes && k.types.iter().copied().eq(args.iter().map(|a| a.oid()));
+            (k.plan, same)
+        })
+    });
+    if let Some((plan, same)) = found {
+        if !same {
             pgrx::error!("outbox: a kept statement was run with other arguments: {sql}");
         }
-        return Ok(k.plan);
+        return Ok(plan);
     }
+    let types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
     let oids: Vec<pg_sys::PgOid> = types.iter().map(|t| pg_sys::PgOid::from(*t)).collect();
     let prepared = if writes {
         c.prepare_mut(sql, &oids)?

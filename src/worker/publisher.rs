@@ -30,7 +30,7 @@ use crate::wake;
 /// Flights a drain keeps sent and not yet marked: enough that the broker
 /// always has work queued while the database marks and claims (ActiveMQ,
 /// which works one transaction at a time, wants about ten in the pipe).
-const IN_THE_AIR: usize = 3;
+pub(super) const IN_THE_AIR: usize = 3;
 
 /// With nothing scheduled, the worker only wakes at commits; it still looks
 /// at the table this often (prepared transactions commit without waking it).

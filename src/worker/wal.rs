@@ -20,6 +20,7 @@ use pgrx::prelude::*;
 use pgrx::spi::Spi;
 
 use super::flight::{self, Flight, Style};
+use super::publisher::IN_THE_AIR;
 use crate::capture::{self, Captured};
 use crate::stomp::client::{Connection, StompError};
 
@@ -245,15 +246,12 @@ impl Wal {
         }
         let index = |id: i64| -id - 1 - base;
         super::busy(&format!("sending {n} captured message(s)"));
-        let flights = send_in_flights(conn, frames, style, transactions, receipt_timeout);
-        let read = flights.1;
+        let (flights, read) = send_in_flights(conn, frames, style, transactions, receipt_timeout);
         let confirmed: std::collections::HashSet<i64> = flights
-            .0
             .iter()
             .flat_map(|f| f.confirmed.iter().map(|id| index(*id)))
             .collect();
         let refused: std::collections::HashMap<i64, String> = flights
-            .0
             .iter()
             .flat_map(|f| f.refused.iter().map(|(id, why)| (index(*id), why.clone())))
             .collect();
@@ -605,7 +603,7 @@ impl Wal {
 }
 
 /// Sends a look's frames as the table's drain does: flights of
-/// `outbox.batch_size`, `IN_THE_AIR` at once (the next goes out while the
+/// `outbox.batch_size`, `IN_THE_AIR` of them at once (the next goes out while the
 /// receipts of the first come in), none more while one is in trouble.
 /// Returns every flight sent, and how the reading ended: an error (the
 /// connection broke) or an ERROR no flight could be charged with stops the
@@ -649,9 +647,6 @@ fn send_in_flights(
         }
     }
 }
-
-/// Flights of a look in the air at once (as the table's drain).
-const IN_THE_AIR: usize = 3;
 
 /// A transaction's messages in the order they were written: by sequence
 /// number (chunks of savepoints can be written before their parent's
