@@ -57,7 +57,7 @@ unsafe fn publish(fcinfo: pg_sys::FunctionCallInfo) -> Result<uuid::Uuid> {
     Ok(enqueue::write(&Message {
         destination: &wire,
         version: version.as_deref(),
-        body,
+        body: enqueue::Body::Jsonb(body),
         user_headers: &user_headers,
         trigger: None,
         delay,
@@ -90,6 +90,8 @@ unsafe fn send(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
             message_id: &id,
             destination,
             trigger: None,
+            sent: std::time::SystemTime::now(),
+            correlation: crate::ids::random_id(),
         },
     );
     let frame = crate::broker::send_frame(destination, &headers::to_json(&stored), &unsafe {

@@ -1,11 +1,16 @@
 //! Capture in the WAL (`outbox.capture = 'wal'`): a message written as a
-//! transactional logical-decoding *message* instead of a row, and the
+//! transactional logical-decoding message instead of a row, and the
 //! extension's own output plugin that hands such messages back.
 //!
 //! Vocabulary: the *payload* is one logical message's content in the
 //! extension's compact form: a *chunk* of messages, each with its
-//! *sequence* number in its transaction (see `encode_chunk`; format 1, one
-//! message per payload, is still read). A transaction's messages wait in
+//! *sequence* number in its transaction (see `Pending::put`; formats 1
+//! and 2, as 0.3 wrote them, are still read). A message's *context* is
+//! what the messages of one trigger or call site share: destination,
+//! version, user headers, table. It is written once and then marked the
+//! same for the messages that follow it in the chunk; the generated
+//! headers are made when the message is read back (`decode`), from its
+//! id, its time and the context. A transaction's messages wait in
 //! its *pending* chunk and are written as one logical message at
 //! pre-commit, or sooner when it grows large (then as a chunk of the
 //! (sub)transaction that wrote them, so a rollback to a savepoint takes
@@ -31,8 +36,18 @@ pub const PREFIX: &std::ffi::CStr = c"outbox_pg";
 pub const PLUGIN: &str = "outbox_pg";
 /// One message per payload (written by 0.3; still read).
 const FORMAT_ONE: u8 = 1;
-/// A chunk: messages, each after its sequence number.
+/// A chunk: messages, each after its sequence number, headers made
+/// (written by 0.3; still read).
 const FORMAT_CHUNK: u8 = 2;
+/// A chunk in the compact form (`Pending::put`).
+const FORMAT_COMPACT: u8 = 3;
+/// Flags of a compact message: its sequence number is the previous
+/// message's plus one (else it follows, 4 bytes); its context is the
+/// previous message's (else it follows); bits 2-3 its operation.
+const SEQ_NEXT: u8 = 1;
+const SAME_CONTEXT: u8 = 2;
+const OP_SHIFT: u8 = 2;
+const OPS: [&str; 3] = ["INSERT", "UPDATE", "DELETE"];
 
 /// The cluster's *key*: captured messages carry an HMAC-SHA256 made with
 /// it, and the plugin hands back only messages whose HMAC is right. Anyone
@@ -152,26 +167,73 @@ pub struct Captured {
     pub version: Option<String>,
 }
 
+/// One message as `outbox.publish()` or the trigger hands it over.
+pub struct Outgoing<'a> {
+    pub message_id: [u8; 16],
+    /// When it was written: microseconds since the Unix epoch.
+    pub sent: i64,
+    /// The wire destination (version suffix applied).
+    pub destination: &'a str,
+    pub version: Option<&'a str>,
+    pub user_headers: &'a [(String, String)],
+    /// `(operation, schema.table)` of a trigger's message.
+    pub trigger: Option<(&'a str, &'a str)>,
+    /// JSON text.
+    pub body: &'a str,
+}
+
 fn put(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
-/// One message: the id, then length-prefixed texts (destination,
-/// headers, body, version; a missing version has length `u32::MAX`).
+fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => put(out, s),
+        None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+    }
+}
+
+/// A message's context: destination, version, table (or none), then the
+/// count of user headers and each name and value.
+fn put_context(out: &mut Vec<u8>, m: &Outgoing) {
+    put(out, m.destination);
+    put_opt(out, m.version);
+    put_opt(out, m.trigger.map(|t| t.1));
+    out.extend_from_slice(&(m.user_headers.len() as u32).to_be_bytes());
+    for (k, v) in m.user_headers {
+        put(out, k);
+        put(out, v);
+    }
+}
+
+/// The `dop-correlation-id` of a message whose writer gave none: made
+/// from its id, so that every reading of the message says the same.
+fn correlation(message_id: &[u8; 16]) -> uuid::Uuid {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"outbox_pg correlation ".as_slice(), message_id].concat(),
+    );
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&d.as_ref()[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// One message of format 1 or 2: the id, then length-prefixed texts
+/// (destination, headers, body, version; a missing version has length
+/// `u32::MAX`).
+#[cfg(test)]
 fn put_message(out: &mut Vec<u8>, m: &Captured) {
     out.reserve(16 + 16 + m.destination.len() + m.headers.len() + m.body.len());
     out.extend_from_slice(&m.message_id);
     put(out, &m.destination);
     put(out, &m.headers);
     put(out, &m.body);
-    match &m.version {
-        Some(v) => put(out, v),
-        None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
-    }
+    put_opt(out, m.version.as_deref());
 }
 
 /// Appends one message and its sequence number to a chunk's messages.
+#[cfg(test)]
 fn put_in_chunk(out: &mut Vec<u8>, seq: u32, m: &Captured) {
     out.extend_from_slice(&seq.to_be_bytes());
     put_message(out, m);
@@ -207,8 +269,11 @@ pub fn decode(data: &[u8]) -> Option<Vec<(u32, Captured)>> {
         *data = rest;
         Some(head)
     }
+    fn u32_(data: &mut &[u8]) -> Option<u32> {
+        Some(u32::from_be_bytes(take(data, 4)?.try_into().ok()?))
+    }
     fn text(data: &mut &[u8]) -> Option<Option<String>> {
-        let len = u32::from_be_bytes(take(data, 4)?.try_into().ok()?);
+        let len = u32_(data)?;
         if len == u32::MAX {
             return Some(None);
         }
@@ -229,6 +294,32 @@ pub fn decode(data: &[u8]) -> Option<Vec<(u32, Captured)>> {
             version,
         })
     }
+    struct Context {
+        destination: String,
+        version: Option<String>,
+        table: Option<String>,
+        headers: Vec<(String, String)>,
+    }
+    fn context(data: &mut &[u8]) -> Option<Context> {
+        let destination = text(data)??;
+        let version = text(data)?;
+        let table = text(data)?;
+        let n = u32_(data)?;
+        // Each header takes 8 bytes at least: a count beyond what is
+        // left is a bad payload, not an allocation.
+        if n as usize > data.len() / 8 {
+            return None;
+        }
+        let headers = (0..n)
+            .map(|_| Some((text(data)??, text(data)??)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Context {
+            destination,
+            version,
+            table,
+            headers,
+        })
+    }
     let mut data = data;
     match take(&mut data, 1)? {
         [FORMAT_ONE] => {
@@ -238,8 +329,65 @@ pub fn decode(data: &[u8]) -> Option<Vec<(u32, Captured)>> {
         [FORMAT_CHUNK] => {
             let mut out = Vec::new();
             while !data.is_empty() {
-                let seq = u32::from_be_bytes(take(&mut data, 4)?.try_into().ok()?);
+                let seq = u32_(&mut data)?;
                 out.push((seq, message(&mut data)?));
+            }
+            (!out.is_empty()).then_some(out)
+        }
+        [FORMAT_COMPACT] => {
+            let mut out = Vec::new();
+            let mut seq: Option<u32> = None;
+            let mut ctx: Option<Context> = None;
+            while !data.is_empty() {
+                let flags = take(&mut data, 1)?[0];
+                if flags >> (OP_SHIFT + 2) != 0 {
+                    return None;
+                }
+                let s = if flags & SEQ_NEXT != 0 {
+                    seq?.checked_add(1)?
+                } else {
+                    u32_(&mut data)?
+                };
+                seq = Some(s);
+                let message_id: [u8; 16] = take(&mut data, 16)?.try_into().ok()?;
+                let sent = i64::from_be_bytes(take(&mut data, 8)?.try_into().ok()?);
+                if flags & SAME_CONTEXT == 0 {
+                    ctx = Some(context(&mut data)?);
+                }
+                let c = ctx.as_ref()?;
+                let op = match flags >> OP_SHIFT {
+                    0 => None,
+                    n => Some(OPS[usize::from(n) - 1]),
+                };
+                let trigger = match (op, &c.table) {
+                    (None, None) => None,
+                    (Some(op), Some(table)) => Some((op, table.as_str())),
+                    _ => return None,
+                };
+                let body = text(&mut data)??;
+                let id = uuid::Uuid::from_bytes(message_id);
+                let id_text = id.hyphenated().to_string();
+                let headers = crate::headers::stored(
+                    &c.headers,
+                    &crate::headers::Generated {
+                        message_id: &id_text,
+                        destination: &c.destination,
+                        trigger,
+                        sent: std::time::UNIX_EPOCH
+                            + std::time::Duration::from_micros(sent.max(0) as u64),
+                        correlation: correlation(&message_id),
+                    },
+                );
+                out.push((
+                    s,
+                    Captured {
+                        message_id,
+                        destination: c.destination.clone(),
+                        headers: crate::headers::to_json(&headers),
+                        body,
+                        version: c.version.clone(),
+                    },
+                ));
             }
             (!out.is_empty()).then_some(out)
         }
@@ -323,7 +471,7 @@ const CHUNK_BYTES: usize = 64 << 10;
 
 /// The current transaction's messages not yet in the WAL.
 struct Pending {
-    /// Each message after its sequence number (`put_in_chunk`), in order.
+    /// The messages in the compact form (`put`), in order.
     buf: Vec<u8>,
     /// Where the messages of each open subtransaction start: (nesting
     /// level, offset in `buf`), one per level from 2 to the deepest that
@@ -334,11 +482,25 @@ struct Pending {
     /// The chunk was written at pre-commit: a message written after that
     /// (by another extension's pre-commit callback) goes at once.
     closing: bool,
+    /// The last message's sequence number and context, while the next
+    /// message may refer to them (it lands in the same chunk).
+    last_seq: Option<u32>,
+    context: Vec<u8>,
+    /// The message being put's context.
+    scratch: Vec<u8>,
 }
 
 thread_local! {
     static PENDING: RefCell<Pending> = const {
-        RefCell::new(Pending { buf: Vec::new(), marks: Vec::new(), next: 0, closing: false })
+        RefCell::new(Pending {
+            buf: Vec::new(),
+            marks: Vec::new(),
+            next: 0,
+            closing: false,
+            last_seq: None,
+            context: Vec::new(),
+            scratch: Vec::new(),
+        })
     };
 }
 
@@ -359,11 +521,53 @@ impl Pending {
         self.marks.last().map_or(0, |m| m.1)
     }
 
+    /// The next message starts afresh: what is before it may be written in
+    /// another chunk, or not at all.
+    fn forget(&mut self) {
+        self.last_seq = None;
+        self.context.clear();
+    }
+
+    /// Appends one message: its flags, its sequence number unless it is
+    /// the last one's plus one, its id and time, its context unless it is
+    /// the last one's, and its body.
+    fn put(&mut self, seq: u32, m: &Outgoing) {
+        let op = match m.trigger {
+            None => 0,
+            // The trigger names only these (a panic is an ERROR here).
+            Some((op, _)) => match OPS.iter().position(|o| *o == op) {
+                Some(i) => i as u8 + 1,
+                None => panic!("outbox: unknown trigger operation {op}"),
+            },
+        };
+        self.scratch.clear();
+        put_context(&mut self.scratch, m);
+        let same = !self.context.is_empty() && self.context == self.scratch;
+        let next = self.last_seq.and_then(|s| s.checked_add(1)) == Some(seq);
+        let flags =
+            op << OP_SHIFT | if next { SEQ_NEXT } else { 0 } | if same { SAME_CONTEXT } else { 0 };
+        let b = &mut self.buf;
+        b.reserve(1 + 4 + 16 + 8 + 4 + m.body.len() + if same { 0 } else { self.scratch.len() });
+        b.push(flags);
+        if !next {
+            b.extend_from_slice(&seq.to_be_bytes());
+        }
+        b.extend_from_slice(&m.message_id);
+        b.extend_from_slice(&m.sent.to_be_bytes());
+        if !same {
+            b.extend_from_slice(&self.scratch);
+            std::mem::swap(&mut self.context, &mut self.scratch);
+        }
+        put(b, m.body);
+        self.last_seq = Some(seq);
+    }
+
     fn clear(&mut self) {
         self.buf.clear();
         self.marks.clear();
         self.next = 0;
         self.closing = false;
+        self.forget();
         // What one huge transaction needed is not kept for the next.
         if self.buf.capacity() > 2 * CHUNK_BYTES {
             self.buf.shrink_to(CHUNK_BYTES);
@@ -373,7 +577,7 @@ impl Pending {
 
 /// Adds the message to the transaction's pending chunk (written at
 /// pre-commit, or now when the chunk is large).
-pub fn emit(m: &Captured) {
+pub fn emit(m: &Outgoing) {
     // SAFETY: reads of the transaction's state.
     if unsafe { pg_sys::IsInParallelMode() } {
         // A parallel worker's transaction end writes nothing.
@@ -387,13 +591,15 @@ pub fn emit(m: &Captured) {
         for l in deepest + 1..=level {
             let at = p.buf.len();
             p.marks.push((l, at));
+            // Its messages may go in a chunk of their own.
+            p.forget();
         }
         let seq = p.next;
         let Some(next) = p.next.checked_add(1) else {
             error!("outbox: more than 4294967295 messages captured in one transaction");
         };
         p.next = next;
-        put_in_chunk(&mut p.buf, seq, m);
+        p.put(seq, m);
         p.closing || p.buf.len() - p.tail() >= CHUNK_BYTES
     });
     if due {
@@ -406,13 +612,14 @@ pub fn emit(m: &Captured) {
 fn write_tail() {
     let messages = PENDING.with_borrow_mut(|p| {
         let tail = p.tail();
+        p.forget();
         p.buf.split_off(tail)
     });
     if messages.is_empty() {
         return;
     }
     let mut payload = Vec::with_capacity(1 + messages.len() + TAG);
-    payload.push(FORMAT_CHUNK);
+    payload.push(FORMAT_COMPACT);
     payload.extend_from_slice(&messages);
     drop(messages);
     write_payload(payload);
@@ -480,6 +687,7 @@ unsafe extern "C-unwind" fn at_subxact_event(
                 let at = p.marks[i].1;
                 p.buf.truncate(at);
                 p.marks.truncate(i);
+                p.forget();
             }
         }),
         _ => {}
@@ -678,6 +886,208 @@ mod tests {
         fn any_bytes_decode_without_a_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&data);
         }
+    }
+
+    fn pending() -> Pending {
+        Pending {
+            buf: Vec::new(),
+            marks: Vec::new(),
+            next: 0,
+            closing: false,
+            last_seq: None,
+            context: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    type Spec = (
+        u32,
+        u8,
+        &'static str,
+        Option<&'static str>,
+        usize,
+        Option<(&'static str, &'static str)>,
+    );
+
+    /// Messages put into a pending chunk (forgetting before the ones
+    /// marked so), and the payload written of them.
+    fn compact(specs: &[Spec], forget_before: &[usize]) -> (Vec<Outgoing<'static>>, Vec<u8>) {
+        static HEADERS: std::sync::LazyLock<Vec<Vec<(String, String)>>> =
+            std::sync::LazyLock::new(|| {
+                vec![
+                    vec![],
+                    vec![("team".into(), "billing".into())],
+                    vec![
+                        ("dop-correlation-id".into(), "mine".into()),
+                        ("dop-msg-id".into(), "forged".into()),
+                    ],
+                ]
+            });
+        let mut p = pending();
+        let mut out = Vec::new();
+        for (i, &(seq, id, destination, version, headers, trigger)) in specs.iter().enumerate() {
+            if forget_before.contains(&i) {
+                p.forget();
+            }
+            let m = Outgoing {
+                message_id: [id; 16],
+                sent: 1_795_847_400_123_456 + i64::from(id),
+                destination,
+                version,
+                user_headers: &HEADERS[headers],
+                trigger,
+                body: if id % 2 == 0 {
+                    "{\"a\": 1}"
+                } else {
+                    "[\"é\"]"
+                },
+            };
+            p.put(seq, &m);
+            out.push(m);
+        }
+        let mut payload = vec![FORMAT_COMPACT];
+        payload.extend_from_slice(&p.buf);
+        (out, payload)
+    }
+
+    #[test]
+    fn a_compact_chunk_reads_back_with_its_headers_made() {
+        let t = Some(("INSERT", "public.orders"));
+        let specs: [Spec; 7] = [
+            (0, 1, "/topic/a", None, 0, t),
+            (1, 2, "/topic/a", None, 0, Some(("UPDATE", "public.orders"))),
+            (2, 3, "/topic/a", None, 0, Some(("DELETE", "public.orders"))),
+            (7, 4, "/topic/a", None, 0, t),
+            (8, 5, "/queue/b.v2", Some("v2"), 1, None),
+            (9, 6, "/queue/b.v2", Some("v2"), 2, None),
+            (10, 7, "/queue/b.v2", Some("v2"), 2, None),
+        ];
+        let (messages, payload) = compact(&specs, &[]);
+        // The context is written three times, not seven.
+        assert_eq!(
+            payload.windows(8).filter(|w| w == b"/topic/a").count()
+                + payload.windows(11).filter(|w| w == b"/queue/b.v2").count(),
+            3
+        );
+        let back = decode(&payload).expect("a compact chunk");
+        assert_eq!(back.len(), messages.len());
+        for ((seq, c), (spec, m)) in back.iter().zip(specs.iter().zip(&messages)) {
+            assert_eq!(*seq, spec.0);
+            assert_eq!(c.message_id, m.message_id);
+            assert_eq!(c.destination, m.destination);
+            assert_eq!(c.version.as_deref(), m.version);
+            assert_eq!(c.body, m.body);
+            let h: serde_json::Value = serde_json::from_str(&c.headers).unwrap();
+            let id = uuid::Uuid::from_bytes(m.message_id).to_string();
+            assert_eq!(h["dop-msg-id"], id.as_str());
+            assert_eq!(h["dop-msg-destination"], m.destination);
+            assert_eq!(h["dop-msg-type"], "Published");
+            assert_eq!(h["content-type"], crate::headers::CONTENT_TYPE);
+            let sent = crate::headers::sent_time(
+                std::time::UNIX_EPOCH + std::time::Duration::from_micros(m.sent as u64),
+            );
+            assert_eq!(h["dop-msg-sent-time"], sent.as_str());
+            match m.trigger {
+                Some((op, table)) => {
+                    assert_eq!(h["outbox-op"], op);
+                    assert_eq!(h["outbox-table"], table);
+                }
+                None => assert!(h.get("outbox-op").is_none() && h.get("outbox-table").is_none()),
+            }
+            for (k, v) in m.user_headers {
+                if k == "dop-msg-id" {
+                    continue;
+                }
+                assert_eq!(h[k.as_str()], v.as_str());
+            }
+            if !m
+                .user_headers
+                .iter()
+                .any(|(k, _)| k == "dop-correlation-id")
+            {
+                // Made from the id: the same at every reading, another per message.
+                assert_eq!(
+                    h["dop-correlation-id"],
+                    correlation(&m.message_id).to_string().as_str()
+                );
+                assert_ne!(h["dop-correlation-id"], id.as_str());
+            }
+        }
+        // Read twice, the same headers (a re-sent message says the same).
+        assert_eq!(decode(&payload), Some(back));
+    }
+
+    #[test]
+    fn a_compact_chunk_after_a_forget_stands_alone() {
+        let s: [Spec; 3] = [
+            (0, 1, "/topic/a", None, 1, None),
+            (1, 2, "/topic/a", None, 1, None),
+            (2, 3, "/topic/a", None, 1, None),
+        ];
+        let (_, whole) = compact(&s, &[]);
+        let (_, forgot) = compact(&s, &[2]);
+        // The third message repeats its sequence number and context.
+        assert!(forgot.len() > whole.len() + 4 + "/topic/a".len());
+        assert_eq!(decode(&whole), decode(&forgot));
+        // What follows a forget decodes without what came before it.
+        let mut p = pending();
+        let m = |id| Outgoing {
+            message_id: [id; 16],
+            sent: 0,
+            destination: "/topic/a",
+            version: None,
+            user_headers: &[],
+            trigger: None,
+            body: "1",
+        };
+        p.put(0, &m(1));
+        p.forget();
+        let at = p.buf.len();
+        p.put(1, &m(2));
+        let mut tail = vec![FORMAT_COMPACT];
+        tail.extend_from_slice(&p.buf[at..]);
+        let back = decode(&tail).expect("a chunk of its own");
+        assert_eq!((back[0].0, back[0].1.message_id), (1, [2; 16]));
+    }
+
+    #[test]
+    fn a_cut_or_bent_compact_chunk_is_not_one() {
+        let t = Some(("INSERT", "public.t"));
+        let (_, p) = compact(
+            &[
+                (0, 1, "/topic/a", None, 1, t),
+                (1, 2, "/topic/a", None, 1, t),
+            ],
+            &[],
+        );
+        let first = decode(&p).unwrap()[0].clone();
+        let mut whole_first = 0;
+        for n in 0..p.len() {
+            match decode(&p[..n]) {
+                None => {}
+                Some(v) => {
+                    // Only where the first message ends.
+                    assert_eq!(v, vec![first.clone()], "cut at {n}");
+                    whole_first += 1;
+                }
+            }
+        }
+        assert_eq!(whole_first, 1);
+        // A message that says "as before" first, unknown flags.
+        let mut b = p.clone();
+        b[1] |= SEQ_NEXT;
+        assert_eq!(decode(&b), None);
+        let mut b = p.clone();
+        b[1] |= SAME_CONTEXT;
+        assert_eq!(decode(&b), None);
+        let mut b = p.clone();
+        b[1] |= 0x10;
+        assert_eq!(decode(&b), None);
+        // An operation without a table.
+        let (_, p) = compact(&[(0, 1, "/topic/a", None, 0, None)], &[]);
+        let mut b = p.clone();
+        b[1] |= 1 << OP_SHIFT;
+        assert_eq!(decode(&b), None);
     }
 
     #[test]

@@ -47,7 +47,11 @@ pub fn wire_destination(destination: &str, version: Option<&str>) -> Result<Stri
 /// Rejects a body over `outbox.max_message_bytes` (its uncompressed jsonb
 /// size, read from the varlena header without detoasting).
 pub fn check_size(body: pg_sys::Datum) -> Result<()> {
-    let size = unsafe { pg_sys::toast_raw_datum_size(body) };
+    check_len(unsafe { pg_sys::toast_raw_datum_size(body) })
+}
+
+/// Rejects a body of `size` bytes over `outbox.max_message_bytes`.
+pub fn check_len(size: usize) -> Result<()> {
     let limit = crate::guc::MAX_MESSAGE_BYTES.get().max(0) as usize;
     if size > limit {
         return Err(OutboxError::TooLarge { size, limit });
@@ -55,13 +59,19 @@ pub fn check_size(body: pg_sys::Datum) -> Result<()> {
     Ok(())
 }
 
+/// A message body: a jsonb datum, or (a trigger's row, for the WAL) its
+/// text already.
+pub enum Body {
+    Jsonb(pg_sys::Datum),
+    Text(String),
+}
+
 /// One message about to be written.
 pub struct Message<'a> {
     /// Wire destination (version suffix applied).
     pub destination: &'a str,
     pub version: Option<&'a str>,
-    /// A jsonb datum.
-    pub body: pg_sys::Datum,
+    pub body: Body,
     pub user_headers: &'a [(String, String)],
     /// `(operation, schema.table)` for trigger messages.
     pub trigger: Option<(&'a str, &'a str)>,
@@ -90,15 +100,7 @@ pub fn write(m: &Message) -> uuid::Uuid {
     // Time-ordered (version 7): each new id lands at the right edge of the
     // message_id index instead of on a random page of it.
     let id = crate::ids::message_id();
-    let id_text = id.to_string();
-    let headers = headers::stored(
-        m.user_headers,
-        &Generated {
-            message_id: &id_text,
-            destination: m.destination,
-            trigger: m.trigger,
-        },
-    );
+    let now = std::time::SystemTime::now();
     let delayed = m.delay.is_some_and(|d| !interval_is_zero(d));
     if crate::capture::wanted(delayed) {
         // Once per transaction: the slot's look scans shared memory.
@@ -107,17 +109,46 @@ pub fn write(m: &Message) -> uuid::Uuid {
         {
             e.raise();
         }
-        crate::capture::emit(&crate::capture::Captured {
+        let text;
+        let body = match &m.body {
+            Body::Text(t) => t.as_str(),
+            Body::Jsonb(d) => {
+                // SAFETY: a jsonb datum.
+                text = unsafe { crate::fmgr::jsonb_text(*d) };
+                text.as_str()
+            }
+        };
+        // The generated headers are made when the message is read back.
+        crate::capture::emit(&crate::capture::Outgoing {
             message_id: *id.as_bytes(),
-            destination: m.destination.to_string(),
-            headers: headers::to_json(&headers),
-            // SAFETY: a jsonb datum.
-            body: unsafe { crate::fmgr::jsonb_text(m.body) },
-            version: m.version.map(str::to_string),
+            sent: now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64),
+            destination: m.destination,
+            version: m.version,
+            user_headers: m.user_headers,
+            trigger: m.trigger,
+            body,
         });
         crate::wake::arm_captured();
         return id;
     }
+    let id_text = id.to_string();
+    let headers = headers::stored(
+        m.user_headers,
+        &Generated {
+            message_id: &id_text,
+            destination: m.destination,
+            trigger: m.trigger,
+            sent: now,
+            correlation: crate::ids::random_id(),
+        },
+    );
+    let body = match &m.body {
+        Body::Jsonb(d) => *d,
+        // SAFETY: JSON text made by rowjson, as jsonb reads it.
+        Body::Text(t) => unsafe { crate::fmgr::jsonb_from_text(t) },
+    };
     unsafe {
         let uuid = pg_sys::palloc(16) as *mut u8;
         std::ptr::copy_nonoverlapping(id.as_bytes().as_ptr(), uuid, 16);
@@ -126,7 +157,7 @@ pub fn write(m: &Message) -> uuid::Uuid {
             pg_sys::Datum::from(uuid),
             text_datum(m.destination),
             m.version.map(text_datum).unwrap_or(pg_sys::Datum::from(0)),
-            m.body,
+            body,
             headers_datum,
             m.delay.unwrap_or(pg_sys::Datum::from(0)),
         ];

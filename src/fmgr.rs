@@ -58,3 +58,15 @@ pub unsafe fn jsonb_text(d: pg_sys::Datum) -> String {
         s
     }
 }
+
+/// JSON text as a jsonb datum.
+pub unsafe fn jsonb_from_text(s: &str) -> pg_sys::Datum {
+    let c = std::ffi::CString::new(s).expect("JSON text has no NUL");
+    unsafe {
+        pgrx::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(c.as_ptr()))],
+        )
+        .expect("jsonb_in returns a value")
+    }
+}

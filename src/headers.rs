@@ -74,6 +74,10 @@ pub struct Generated<'a> {
     pub destination: &'a str,
     /// `(operation, schema.table)` for trigger messages.
     pub trigger: Option<(&'a str, &'a str)>,
+    /// When the message was written.
+    pub sent: SystemTime,
+    /// `dop-correlation-id` unless the user gave one.
+    pub correlation: uuid::Uuid,
 }
 
 /// The headers stored on the row, each name once (jsonb orders them):
@@ -85,7 +89,7 @@ pub fn stored<'a>(user: &'a [(String, String)], g: &Generated<'a>) -> Vec<(&'a s
         ("dop-msg-id", g.message_id.into()),
         ("dop-msg-destination", g.destination.into()),
         ("dop-msg-type", "Published".into()),
-        ("dop-msg-sent-time", sent_time(SystemTime::now()).into()),
+        ("dop-msg-sent-time", sent_time(g.sent).into()),
     ];
     if let Some((op, table)) = g.trigger {
         generated.push(("outbox-op", op.into()));
@@ -102,10 +106,7 @@ pub fn stored<'a>(user: &'a [(String, String)], g: &Generated<'a>) -> Vec<(&'a s
         }
     }
     if !user.iter().any(|(k, _)| k == "dop-correlation-id") {
-        out.push((
-            "dop-correlation-id",
-            crate::ids::random_id().to_string().into(),
-        ));
+        out.push(("dop-correlation-id", g.correlation.to_string().into()));
     }
     out.extend(generated);
     out
@@ -224,6 +225,8 @@ mod tests {
             message_id: "m-1",
             destination: "/topic/a",
             trigger: Some(("INSERT", "public.t")),
+            sent: SystemTime::now(),
+            correlation: uuid::Uuid::nil(),
         };
         let pairs = stored(&user, &g);
         let mut names: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
@@ -248,8 +251,15 @@ mod tests {
             message_id: "m-2",
             destination: "/queue/b",
             trigger: None,
+            sent: UNIX_EPOCH + Duration::from_micros(1_795_847_400_123_456),
+            correlation: uuid::Uuid::from_u128(7),
         };
         let v: Value = serde_json::from_str(&to_json(&stored(&user, &g))).unwrap();
+        assert_eq!(v["dop-msg-sent-time"], "2026-11-28 06:30:00.123456+00:00");
+        assert_eq!(
+            v["dop-correlation-id"],
+            "00000000-0000-0000-0000-000000000007"
+        );
         assert_eq!(v["content-type"], "text/plain");
         assert_eq!(v["dop-correlation-id"].as_str().unwrap().len(), 36);
         assert!(v.get("outbox-op").is_none());

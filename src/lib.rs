@@ -14,6 +14,7 @@ mod ids;
 mod jsonb;
 mod latch;
 mod owner;
+mod rowjson;
 mod shmem;
 mod status;
 // A complete STOMP client; the workers use part of it.

@@ -165,4 +165,104 @@ mod tests {
             one("SELECT count(*) FROM outbox.published WHERE destination = '/topic/direct'");
         assert_eq!(n, 2);
     }
+
+    /// Rows of `table` as `rowjson` writes them and as `to_jsonb(row)::text`
+    /// gives them, in `k` order.
+    fn both_ways(table: &str, attnums: Option<&[i16]>) -> Vec<(String, String)> {
+        let mut direct = Vec::new();
+        unsafe {
+            assert_eq!(pg_sys::SPI_connect(), pg_sys::SPI_OK_CONNECT as i32);
+            let q = std::ffi::CString::new(format!("SELECT * FROM {table} ORDER BY k")).unwrap();
+            assert_eq!(
+                pg_sys::SPI_execute(q.as_ptr(), false, 0),
+                pg_sys::SPI_OK_SELECT as i32
+            );
+            let t = pg_sys::SPI_tuptable;
+            let plan = crate::rowjson::Plan::new((*t).tupdesc, attnums);
+            assert!(plan.direct(), "every column of {table} is written directly");
+            assert!(plan.fits((*t).tupdesc));
+            for i in 0..pg_sys::SPI_processed as usize {
+                direct.push(plan.write((*t).tupdesc, *(*t).vals.add(i)));
+            }
+            pg_sys::SPI_finish();
+        }
+        // The projection tested is (i4, k).
+        let row = match attnums {
+            None => table.to_string(),
+            Some(_) => format!("(SELECT r FROM (SELECT {table}.k, {table}.i4) r)"),
+        };
+        let jsonb: Vec<String> = Spi::connect(|c| {
+            c.select(
+                &format!("SELECT to_jsonb({row})::text FROM {table} ORDER BY k"),
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        });
+        assert_eq!(direct.len(), jsonb.len());
+        direct.into_iter().zip(jsonb).collect()
+    }
+
+    /// The trigger's body for the WAL, written from the row, is the jsonb
+    /// text byte for byte: every kind of column, awkward names, NULLs,
+    /// extremes, NaN and infinities, floats jsonb rewrites, escapes, and
+    /// two time zones and float settings.
+    #[pg_test]
+    fn rows_written_directly_are_what_to_jsonb_prints() {
+        Spi::run(
+            r#"CREATE TABLE rj (k int, "b" bool, i2 int2, i4 int4, "a much longer name" int8,
+                 n numeric, n2 numeric(10,3), f4 float4, f8 float8, t text, "v w" varchar(20),
+                 c char(5), u uuid, d date, ts timestamp, tz timestamptz, "é""\" text, " " text)"#,
+        )
+        .unwrap();
+        Spi::run(
+            r#"INSERT INTO rj
+               SELECT g, g % 3 = 0, (g * 7919 % 65535 - 32767)::int2, g * 104729 % 2147483647 - 1073741823,
+                      (g::int8 * 2147483647 * 131) % 9223372036854775807, (g * 1.37) ^ (g % 7) / 3,
+                      (g % 1000) * 1.5, (g * 1.1)::float4 ^ (g % 9), (g * 1.1)::float8 ^ (g % 40 - 20),
+                      repeat(chr(1 + g % 200), g % 4) || '"\/' || chr(8) || chr(12) || E'\n\r\t' || chr(31) || chr(127) || 'é😀',
+                      'v' || g, 'c' || (g % 10), md5(g::text)::uuid,
+                      '2000-01-01'::date + g * 37, '1999-12-31 23:59:59.5'::timestamp + g * interval '1 day 1 hour 1.000001 s',
+                      '2026-03-29 00:30:00+00'::timestamptz + g * interval '17 minutes', 'x' || g, ''
+               FROM generate_series(1, 300) g;
+               INSERT INTO rj VALUES
+                 (1001, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+                 (1002, true, -32768, -2147483648, -9223372036854775808, 'NaN', 0, 'NaN', 'NaN', '', '', '', '00000000-0000-0000-0000-000000000000',
+                  'infinity', 'infinity', 'infinity', '', ''),
+                 (1003, false, 32767, 2147483647, 9223372036854775807, 'Infinity', -0.001, 'Infinity', '-Infinity', ' ', ' ', ' ', 'ffffffff-ffff-ffff-ffff-ffffffffffff',
+                  '-infinity', '-infinity', '-infinity', '', ''),
+                 (1004, true, 0, 0, 0, '-Infinity', 1234567.125, '-0', '-0', 'x', 'x', 'x', NULL, '4713-01-01 BC', '0001-01-01 BC', '294276-12-31 23:59:59.999999', 'y', 'z'),
+                 (1005, true, 1, 1, 1, '0.000000000000000000001', 0.0, '1e-30', '1e+300', repeat('long ', 2000), NULL, NULL, NULL, '2024-02-29', '2024-02-29 12:00', '2024-02-29 12:00+05:30', NULL, NULL),
+                 (1006, true, 1, 1, 1, '123456789012345678901234567890.123456789', 1, '3.4028235e38', '1.7976931348623157e308', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"#,
+        )
+        .unwrap();
+        for (zone, digits) in [("UTC", 1), ("America/Sao_Paulo", 0), ("Asia/Kolkata", 3)] {
+            Spi::run(&format!(
+                "SET LOCAL TimeZone = '{zone}'; SET LOCAL extra_float_digits = {digits}"
+            ))
+            .unwrap();
+            for (direct, jsonb) in both_ways("rj", None) {
+                assert_eq!(
+                    direct, jsonb,
+                    "time zone {zone}, extra_float_digits {digits}"
+                );
+            }
+        }
+        // A projection: the columns given, in jsonb's key order still.
+        for (direct, jsonb) in both_ways("rj", Some(&[4, 1])) {
+            assert_eq!(direct, jsonb);
+        }
+        // A column of another kind: not direct (to_jsonb writes those).
+        Spi::run("CREATE TABLE rj2 (k int, j jsonb)").unwrap();
+        unsafe {
+            pg_sys::SPI_connect();
+            let q = c"SELECT * FROM rj2";
+            pg_sys::SPI_execute(q.as_ptr(), false, 0);
+            let plan = crate::rowjson::Plan::new((*pg_sys::SPI_tuptable).tupdesc, None);
+            assert!(!plan.direct());
+            pg_sys::SPI_finish();
+        }
+    }
 }

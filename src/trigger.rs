@@ -24,10 +24,11 @@ use std::rc::Rc;
 use pgrx::pg_guard;
 use pgrx::pg_sys;
 
-use crate::enqueue::{self, Message};
+use crate::enqueue::{self, Body, Message};
 use crate::error::{OutboxError, TriggerProblem};
 use crate::fmgr::finfo_v1;
 use crate::headers::{self, Headers};
+use crate::rowjson;
 
 finfo_v1!(pg_finfo_outbox_publish_trigger);
 
@@ -106,8 +107,25 @@ unsafe fn fire(td: *const pg_sys::TriggerData) -> std::result::Result<(), Trigge
     // this very trigger again (nested to any depth).
     let cached = Cached::get(trigger)?;
     let shape = unsafe { cached.shape(rel, desc) }?;
-    let body = unsafe { shape.body(desc, tuple) }?;
-    enqueue::check_size(body).map_err(|e| TriggerProblem::Input(Box::new(e)))?;
+    let input = |e: OutboxError| TriggerProblem::Input(Box::new(e));
+    // Into the WAL, the body's text is all that is kept: written straight
+    // from the row where its columns allow.
+    let direct = match crate::capture::wanted(false) {
+        true => unsafe { cached.plan(&shape, desc) },
+        false => None,
+    };
+    let body = match direct {
+        Some(plan) => {
+            let text = unsafe { plan.write(desc, tuple) };
+            enqueue::check_len(text.len()).map_err(input)?;
+            Body::Text(text)
+        }
+        None => {
+            let body = unsafe { shape.body(desc, tuple) }?;
+            enqueue::check_size(body).map_err(input)?;
+            Body::Jsonb(body)
+        }
+    };
     let table = unsafe { table_name(rel) };
     let spec = &cached.spec;
     enqueue::write(&Message {
@@ -157,6 +175,9 @@ thread_local! {
 struct Cached {
     spec: Spec,
     shape: RefCell<Option<Rc<Shape>>>,
+    /// How a row of the shape is written as text (`rowjson`), for the
+    /// table as it was last seen.
+    plan: RefCell<Option<(Rc<Shape>, Rc<rowjson::Plan>)>>,
 }
 
 impl Cached {
@@ -174,6 +195,7 @@ impl Cached {
         let fresh = Rc::new(Cached {
             spec: Spec::parse(unsafe { trigger_args(t) })?,
             shape: RefCell::new(None),
+            plan: RefCell::new(None),
         });
         TRIGGERS.with(|c| {
             let mut c = c.borrow_mut();
@@ -204,6 +226,26 @@ impl Cached {
         // The old shape (if no firing still holds it) is freed here.
         self.shape.replace(Some(shape.clone()));
         Ok(shape)
+    }
+
+    /// The plan that writes the shape's rows as text, when every column
+    /// it takes allows (None: through `to_jsonb`, or the serializer).
+    unsafe fn plan(&self, shape: &Rc<Shape>, desc: pg_sys::TupleDesc) -> Option<Rc<rowjson::Plan>> {
+        let attnums: Option<Vec<i16>> = match &**shape {
+            Shape::Row => None,
+            Shape::Projection(p) => Some(p.columns.iter().map(|c| c.0).collect()),
+            Shape::Serializer(_) => return None,
+        };
+        let current = self.plan.borrow().clone();
+        let plan = match current {
+            Some((of, plan)) if Rc::ptr_eq(&of, shape) && unsafe { plan.fits(desc) } => plan,
+            _ => {
+                let plan = Rc::new(unsafe { rowjson::Plan::new(desc, attnums.as_deref()) });
+                self.plan.replace(Some((shape.clone(), plan.clone())));
+                plan
+            }
+        };
+        plan.direct().then_some(plan)
     }
 }
 

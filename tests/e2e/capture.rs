@@ -182,8 +182,84 @@ fn a_trigger_captures_too_and_a_delayed_message_waits_in_the_table() {
     .unwrap();
     let frames = sub.take(20, Duration::from_secs(15));
     assert_eq!(frames.len(), 20);
-    assert!(String::from_utf8_lossy(&frames[19].body).contains("\"id\": 20"));
+    assert_eq!(
+        String::from_utf8_lossy(&frames[19].body),
+        r#"{"id": 20, "total": 30.0}"#
+    );
     assert_eq!(rows(&mut c), 0);
+    // Every operation, options, and columns the body is written from
+    // directly or (jsonb) through to_jsonb: the same body and headers as
+    // the table would send.
+    let mut sub_v9 = Subscriber::new(&format!("{d}.v9"));
+    c.batch_execute(&format!(
+        r#"CREATE TABLE items (id bigint PRIMARY KEY, "the name" text, at timestamptz, f float8, ok bool);
+           CREATE TABLE docs (id int PRIMARY KEY, doc jsonb);
+           CREATE TRIGGER items_out AFTER INSERT OR UPDATE OR DELETE ON items
+             FOR EACH ROW EXECUTE FUNCTION outbox.publish('{d}', 'headers={{"team": "billing"}}');
+           CREATE TRIGGER items_some AFTER INSERT ON items
+             FOR EACH ROW EXECUTE FUNCTION outbox.publish('{d}', 'fields=ok', 'version=v9');
+           CREATE TRIGGER docs_out AFTER INSERT ON docs
+             FOR EACH ROW EXECUTE FUNCTION outbox.publish('{d}');
+           SET TimeZone = 'Asia/Kolkata';
+           BEGIN;
+           INSERT INTO items VALUES (7, E'tab\there "q"', '2026-12-07 10:00:00.5+00', 1e20, NULL);
+           UPDATE items SET ok = true;
+           DELETE FROM items;
+           INSERT INTO docs VALUES (1, '{{"z": [1, {{"b": null}}], "a": "é"}}');
+           COMMIT;"#
+    ))
+    .unwrap();
+    let frames = sub.take(4, Duration::from_secs(15));
+    let row = r#"{"f": 100000000000000000000, "at": "2026-12-07T15:30:00.5+05:30", "id": 7, "ok": null, "the name": "tab\there \"q\""}"#;
+    let bodies: Vec<String> = frames
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            row.to_string(),
+            row.replace(r#""ok": null"#, r#""ok": true"#),
+            row.replace(r#""ok": null"#, r#""ok": true"#),
+            r#"{"id": 1, "doc": {"a": "é", "z": [1, {"b": null}]}}"#.to_string(),
+        ]
+    );
+    let ops: Vec<Option<&str>> = frames.iter().map(|f| f.get("outbox-op")).collect();
+    assert_eq!(
+        ops,
+        [
+            Some("INSERT"),
+            Some("UPDATE"),
+            Some("DELETE"),
+            Some("INSERT")
+        ]
+    );
+    assert_eq!(frames[0].get("outbox-table"), Some("public.items"));
+    assert_eq!(frames[3].get("outbox-table"), Some("public.docs"));
+    assert_eq!(frames[0].get("team"), Some("billing"));
+    assert_eq!(frames[3].get("team"), None);
+    let mut correlations = std::collections::HashSet::new();
+    for f in &frames {
+        let id = f.get("dop-msg-id").unwrap();
+        let corr = f.get("dop-correlation-id").unwrap();
+        assert!(corr.len() == 36 && corr != id && correlations.insert(corr.to_string()));
+        let sent = f.get("dop-msg-sent-time").unwrap();
+        assert!(
+            sent.starts_with("20") && sent.ends_with("+00:00") && sent.len() == 32,
+            "{sent}"
+        );
+        assert_eq!(f.get("dop-msg-destination"), Some(d.as_str()));
+    }
+    let v9 = sub_v9.take(1, Duration::from_secs(15));
+    assert_eq!(
+        String::from_utf8_lossy(&v9[0].body),
+        r#"{"id": 7, "ok": null}"#
+    );
+    assert_eq!(
+        v9[0].get("dop-msg-destination"),
+        Some(format!("{d}.v9").as_str())
+    );
+    assert_eq!(v9[0].get("team"), None);
     c.execute(
         "SELECT outbox.publish($1, '\"later\"', delay => '1 second')",
         &[&d],
