@@ -491,17 +491,7 @@ struct Pending {
 }
 
 thread_local! {
-    static PENDING: RefCell<Pending> = const {
-        RefCell::new(Pending {
-            buf: Vec::new(),
-            marks: Vec::new(),
-            next: 0,
-            closing: false,
-            last_seq: None,
-            context: Vec::new(),
-            scratch: Vec::new(),
-        })
-    };
+    static PENDING: RefCell<Pending> = const { RefCell::new(Pending::new()) };
 }
 
 /// Registers the pending chunk's transaction callbacks (from `_PG_init`:
@@ -516,6 +506,18 @@ pub fn register_callbacks() {
 }
 
 impl Pending {
+    const fn new() -> Pending {
+        Pending {
+            buf: Vec::new(),
+            marks: Vec::new(),
+            next: 0,
+            closing: false,
+            last_seq: None,
+            context: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
     /// Where the current level's messages start.
     fn tail(&self) -> usize {
         self.marks.last().map_or(0, |m| m.1)
@@ -889,15 +891,7 @@ mod tests {
     }
 
     fn pending() -> Pending {
-        Pending {
-            buf: Vec::new(),
-            marks: Vec::new(),
-            next: 0,
-            closing: false,
-            last_seq: None,
-            context: Vec::new(),
-            scratch: Vec::new(),
-        }
+        Pending::new()
     }
 
     type Spec = (
