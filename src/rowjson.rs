@@ -139,10 +139,17 @@ impl Plan {
             unsafe { value(&mut out, kind, c.typ, values[at]) };
         }
         out.push(b'}');
-        match String::from_utf8(out) {
-            Ok(s) => s,
-            // As the jsonb text's conversion does (a non-UTF-8 database).
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        thread_local! {
+            static UTF8: bool =
+                unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
+        }
+        if UTF8.with(|u| *u) {
+            // SAFETY: PostgreSQL keeps a UTF-8 database's text valid, and
+            // everything else written here is ASCII.
+            unsafe { String::from_utf8_unchecked(out) }
+        } else {
+            // As the jsonb text's conversion does.
+            String::from_utf8_lossy(&out).into_owned()
         }
     }
 }
@@ -189,7 +196,13 @@ unsafe fn value(out: &mut Vec<u8>, kind: Kind, typ: pg_sys::Oid, d: pg_sys::Datu
             pg_sys::pfree(text.cast());
         },
         Kind::Text => unsafe {
-            let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+            let p = d.cast_mut_ptr::<pg_sys::varlena>();
+            // Inline and uncompressed (most values): read in place.
+            let v = if pgrx::varlena::varatt_is_1b_e(p) || pgrx::varlena::varatt_is_4b_c(p) {
+                pg_sys::pg_detoast_datum_packed(p)
+            } else {
+                p
+            };
             let len = pgrx::varlena::varsize_any_exhdr(v);
             let data = pgrx::varlena::vardata_any(v) as *const u8;
             escape(out, std::slice::from_raw_parts(data, len));

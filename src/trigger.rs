@@ -126,7 +126,7 @@ unsafe fn fire(td: *const pg_sys::TriggerData) -> std::result::Result<(), Trigge
             Body::Jsonb(body)
         }
     };
-    let table = unsafe { table_name(rel) };
+    let table = unsafe { cached.table(rel) };
     let spec = &cached.spec;
     enqueue::write(&Message {
         destination: &spec.wire,
@@ -159,6 +159,32 @@ unsafe fn same_args(args: &[String], t: &pg_sys::Trigger) -> bool {
             .all(|(i, a)| unsafe { CStr::from_ptr(*t.tgargs.add(i)).to_bytes() == a.as_bytes() })
 }
 
+thread_local! {
+    /// Bumped whenever a schema's catalog row changes (a rename, say).
+    static SCHEMA_NAMES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn schema_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    SCHEMA_NAMES.set(SCHEMA_NAMES.get().wrapping_add(1));
+}
+
+/// The generation of schema names this backend has seen.
+fn schema_names_generation() -> u64 {
+    if !WATCHING.replace(true) {
+        // SAFETY: once per backend (the callbacks live as long as it).
+        unsafe {
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+                Some(schema_changed),
+                pg_sys::Datum::from(0),
+            )
+        };
+    }
+    SCHEMA_NAMES.get()
+}
+
 /// Triggers cached per backend before unused entries are dropped.
 const MAX_CACHED: usize = 1000;
 
@@ -178,6 +204,9 @@ struct Cached {
     /// How a row of the shape is written as text (`rowjson`), for the
     /// table as it was last seen.
     plan: RefCell<Option<(Rc<Shape>, Rc<rowjson::Plan>)>>,
+    /// `schema.table` as last named: (schema oid, table name, schema
+    /// names' generation, the text).
+    table: RefCell<Option<(pg_sys::Oid, Vec<u8>, u64, Rc<str>)>>,
 }
 
 impl Cached {
@@ -196,6 +225,7 @@ impl Cached {
             spec: Spec::parse(unsafe { trigger_args(t) })?,
             shape: RefCell::new(None),
             plan: RefCell::new(None),
+            table: RefCell::new(None),
         });
         TRIGGERS.with(|c| {
             let mut c = c.borrow_mut();
@@ -226,6 +256,30 @@ impl Cached {
         // The old shape (if no firing still holds it) is freed here.
         self.shape.replace(Some(shape.clone()));
         Ok(shape)
+    }
+
+    /// `schema.table` of the trigger's table, named again only when the
+    /// table or a schema was renamed since (a catalog look-up and two
+    /// strings per row were a tenth of a captured row's own cost).
+    unsafe fn table(&self, rel: pg_sys::Relation) -> Rc<str> {
+        let form = unsafe { &*(*rel).rd_rel };
+        let name = unsafe { CStr::from_ptr(form.relname.data.as_ptr()) }.to_bytes();
+        let generation = schema_names_generation();
+        if let Some((nsp, n, g, text)) = &*self.table.borrow()
+            && *nsp == form.relnamespace
+            && n == name
+            && *g == generation
+        {
+            return text.clone();
+        }
+        let text: Rc<str> = unsafe { table_name(rel) }.into();
+        self.table.replace(Some((
+            form.relnamespace,
+            name.to_vec(),
+            generation,
+            text.clone(),
+        )));
+        text
     }
 
     /// The plan that writes the shape's rows as text, when every column
