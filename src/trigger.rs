@@ -204,10 +204,13 @@ struct Cached {
     /// How a row of the shape is written as text (`rowjson`), for the
     /// table as it was last seen.
     plan: RefCell<Option<(Rc<Shape>, Rc<rowjson::Plan>)>>,
-    /// `schema.table` as last named: (schema oid, table name, schema
-    /// names' generation, the text).
-    table: RefCell<Option<(pg_sys::Oid, Vec<u8>, u64, Rc<str>)>>,
+    /// `schema.table` as last named.
+    table: RefCell<Option<Named>>,
 }
+
+/// A table's `schema.table`: (schema oid, table name, schema names'
+/// generation, the text).
+type Named = (pg_sys::Oid, Vec<u8>, u64, Rc<str>);
 
 impl Cached {
     fn get(t: &pg_sys::Trigger) -> std::result::Result<Rc<Cached>, TriggerProblem> {
