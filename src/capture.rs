@@ -48,6 +48,10 @@ const SEQ_NEXT: u8 = 1;
 const SAME_CONTEXT: u8 = 2;
 const OP_SHIFT: u8 = 2;
 const OPS: [&str; 3] = ["INSERT", "UPDATE", "DELETE"];
+/// A context is shared by the messages after it only up to this size: a
+/// reader makes each message whole again, so a large one written once and
+/// read thousands of times would take the publisher's memory with it.
+const SHARED_CONTEXT: usize = 1024;
 
 /// The cluster's *key*: captured messages carry an HMAC-SHA256 made with
 /// it, and the plugin hands back only messages whose HMAC is right. Anyone
@@ -545,6 +549,7 @@ impl Pending {
         self.scratch.clear();
         put_context(&mut self.scratch, m);
         let same = !self.context.is_empty() && self.context == self.scratch;
+        let keep = self.scratch.len() <= SHARED_CONTEXT;
         let next = self.last_seq.and_then(|s| s.checked_add(1)) == Some(seq);
         let flags =
             op << OP_SHIFT | if next { SEQ_NEXT } else { 0 } | if same { SAME_CONTEXT } else { 0 };
@@ -558,7 +563,11 @@ impl Pending {
         b.extend_from_slice(&m.sent.to_be_bytes());
         if !same {
             b.extend_from_slice(&self.scratch);
-            std::mem::swap(&mut self.context, &mut self.scratch);
+            if keep {
+                std::mem::swap(&mut self.context, &mut self.scratch);
+            } else {
+                self.context.clear();
+            }
         }
         put(b, m.body);
         self.last_seq = Some(seq);
@@ -570,6 +579,9 @@ impl Pending {
         self.next = 0;
         self.closing = false;
         self.forget();
+        self.scratch.clear();
+        self.scratch.shrink_to(SHARED_CONTEXT);
+        self.context.shrink_to(SHARED_CONTEXT);
         // What one huge transaction needed is not kept for the next.
         if self.buf.capacity() > 2 * CHUNK_BYTES {
             self.buf.shrink_to(CHUNK_BYTES);
@@ -915,6 +927,7 @@ mod tests {
                         ("dop-correlation-id".into(), "mine".into()),
                         ("dop-msg-id".into(), "forged".into()),
                     ],
+                    vec![("big".into(), "x".repeat(SHARED_CONTEXT))],
                 ]
             });
         let mut p = pending();
@@ -1009,6 +1022,30 @@ mod tests {
         }
         // Read twice, the same headers (a re-sent message says the same).
         assert_eq!(decode(&payload), Some(back));
+    }
+
+    #[test]
+    fn a_large_context_is_written_with_each_message() {
+        let s: [Spec; 3] = [
+            (0, 1, "/topic/a", None, 3, None),
+            (1, 2, "/topic/a", None, 3, None),
+            (2, 3, "/topic/a", None, 3, None),
+        ];
+        let (messages, p) = compact(&s, &[]);
+        let big = "x".repeat(SHARED_CONTEXT);
+        assert_eq!(
+            p.windows(big.len())
+                .filter(|w| *w == big.as_bytes())
+                .count(),
+            3
+        );
+        let back = decode(&p).unwrap();
+        assert_eq!(back.len(), 3);
+        for ((_, c), m) in back.iter().zip(&messages) {
+            let h: serde_json::Value = serde_json::from_str(&c.headers).unwrap();
+            assert_eq!(h["big"], big.as_str());
+            assert_eq!(c.message_id, m.message_id);
+        }
     }
 
     #[test]

@@ -50,9 +50,14 @@ pub fn check_size(body: pg_sys::Datum) -> Result<()> {
     check_len(unsafe { pg_sys::toast_raw_datum_size(body) })
 }
 
+/// `outbox.max_message_bytes`.
+pub fn max_bytes() -> usize {
+    crate::guc::MAX_MESSAGE_BYTES.get().max(0) as usize
+}
+
 /// Rejects a body of `size` bytes over `outbox.max_message_bytes`.
-pub fn check_len(size: usize) -> Result<()> {
-    let limit = crate::guc::MAX_MESSAGE_BYTES.get().max(0) as usize;
+fn check_len(size: usize) -> Result<()> {
+    let limit = max_bytes();
     if size > limit {
         return Err(OutboxError::TooLarge { size, limit });
     }

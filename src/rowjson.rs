@@ -103,8 +103,11 @@ impl Plan {
     /// `desc` is a valid tuple descriptor.
     pub unsafe fn fits(&self, desc: pg_sys::TupleDesc) -> bool {
         (unsafe { (*desc).natts } == self.natts)
-            && self.columns.iter().all(|c| {
-                unsafe { column(desc, c.attnum) }.is_some_and(|(n, t)| n == c.name && t == c.typ)
+            && self.columns.iter().all(|c| unsafe {
+                let att = &*crate::direct::attribute(desc, c.attnum as usize - 1);
+                !att.attisdropped
+                    && att.atttypid == c.typ
+                    && CStr::from_ptr(att.attname.data.as_ptr()).to_bytes() == c.name
             })
     }
 
@@ -113,11 +116,19 @@ impl Plan {
         self.columns.iter().all(|c| c.kind.is_some())
     }
 
-    /// The row's jsonb text; only for a direct plan that fits.
+    /// The row's jsonb text; only for a direct plan that fits. None once
+    /// it would pass `limit` bytes: such a row goes through `to_jsonb`
+    /// (PostgreSQL's memory and limits; its size is then checked as the
+    /// table mode checks it), never through a large buffer here.
     ///
     /// # Safety
     /// `tuple` is a tuple of `desc`, which the plan fits.
-    pub unsafe fn write(&self, desc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple) -> String {
+    pub unsafe fn write(
+        &self,
+        desc: pg_sys::TupleDesc,
+        tuple: pg_sys::HeapTuple,
+        limit: usize,
+    ) -> Option<String> {
         debug_assert!(self.direct());
         let n = self.natts as usize;
         let mut values = vec![pg_sys::Datum::from(0); n];
@@ -136,21 +147,30 @@ impl Plan {
                 continue;
             }
             let kind = c.kind.expect("a direct plan");
+            // A text's escaped form takes at least its size and two quotes
+            // (and a brace follows): known before it is read, toasted or not.
+            if kind == Kind::Text
+                && out.len() + unsafe { pg_sys::toast_raw_datum_size(values[at]) } + 3 > limit
+            {
+                return None;
+            }
             unsafe { value(&mut out, kind, c.typ, values[at]) };
+            if out.len() + 1 > limit {
+                return None;
+            }
         }
         out.push(b'}');
-        thread_local! {
-            static UTF8: bool =
-                unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
+        if out.len() > limit {
+            return None;
         }
-        if UTF8.with(|u| *u) {
-            // SAFETY: PostgreSQL keeps a UTF-8 database's text valid, and
-            // everything else written here is ASCII.
-            unsafe { String::from_utf8_unchecked(out) }
-        } else {
-            // As the jsonb text's conversion does.
-            String::from_utf8_lossy(&out).into_owned()
-        }
+        // Checked even in a UTF-8 database: bytes that came in without a
+        // conversion (a foreign table, a C function) may be invalid, and an
+        // invalid message could not be read back. As jsonb's text's
+        // conversion does.
+        Some(match String::from_utf8(out) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
     }
 }
 

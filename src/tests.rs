@@ -182,7 +182,17 @@ mod tests {
             assert!(plan.direct(), "every column of {table} is written directly");
             assert!(plan.fits((*t).tupdesc));
             for i in 0..pg_sys::SPI_processed as usize {
-                direct.push(plan.write((*t).tupdesc, *(*t).vals.add(i)));
+                let tuple = *(*t).vals.add(i);
+                let text = plan.write((*t).tupdesc, tuple, usize::MAX).unwrap();
+                // Over the limit, no text (to_jsonb writes that row).
+                if text.len() > 2 {
+                    assert_eq!(plan.write((*t).tupdesc, tuple, text.len() - 1), None);
+                }
+                assert_eq!(
+                    plan.write((*t).tupdesc, tuple, text.len()).as_ref(),
+                    Some(&text)
+                );
+                direct.push(text);
             }
             pg_sys::SPI_finish();
         }

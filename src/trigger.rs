@@ -70,17 +70,28 @@ unsafe fn label(td: *const pg_sys::TriggerData) -> String {
 }
 
 unsafe fn table_name(rel: pg_sys::Relation) -> String {
-    unsafe {
-        let form = (*rel).rd_rel;
-        let nsp = pg_sys::get_namespace_name((*form).relnamespace);
-        let nsp = if nsp.is_null() {
-            "?".into()
-        } else {
-            CStr::from_ptr(nsp).to_string_lossy()
-        };
-        let rel = CStr::from_ptr((*form).relname.data.as_ptr()).to_string_lossy();
-        format!("{nsp}.{rel}")
-    }
+    // Copied first: a catalog look-up may rebuild the relation's entry.
+    let (nsp, name) = unsafe {
+        let form = &*(*rel).rd_rel;
+        (
+            form.relnamespace,
+            CStr::from_ptr(form.relname.data.as_ptr())
+                .to_bytes()
+                .to_vec(),
+        )
+    };
+    unsafe { qualified(nsp, &name) }
+}
+
+/// `schema.table`.
+unsafe fn qualified(nsp: pg_sys::Oid, name: &[u8]) -> String {
+    let schema = unsafe { pg_sys::get_namespace_name(nsp) };
+    let schema = if schema.is_null() {
+        "?".into()
+    } else {
+        unsafe { CStr::from_ptr(schema) }.to_string_lossy()
+    };
+    format!("{schema}.{}", String::from_utf8_lossy(name))
 }
 
 unsafe fn fire(td: *const pg_sys::TriggerData) -> std::result::Result<(), TriggerProblem> {
@@ -114,12 +125,9 @@ unsafe fn fire(td: *const pg_sys::TriggerData) -> std::result::Result<(), Trigge
         true => unsafe { cached.plan(&shape, desc) },
         false => None,
     };
-    let body = match direct {
-        Some(plan) => {
-            let text = unsafe { plan.write(desc, tuple) };
-            enqueue::check_len(text.len()).map_err(input)?;
-            Body::Text(text)
-        }
+    let text = direct.and_then(|plan| unsafe { plan.write(desc, tuple, enqueue::max_bytes()) });
+    let body = match text {
+        Some(text) => Body::Text(text),
         None => {
             let body = unsafe { shape.body(desc, tuple) }?;
             enqueue::check_size(body).map_err(input)?;
@@ -265,23 +273,27 @@ impl Cached {
     /// table or a schema was renamed since (a catalog look-up and two
     /// strings per row were a tenth of a captured row's own cost).
     unsafe fn table(&self, rel: pg_sys::Relation) -> Rc<str> {
-        let form = unsafe { &*(*rel).rd_rel };
-        let name = unsafe { CStr::from_ptr(form.relname.data.as_ptr()) }.to_bytes();
+        // Copied first: a catalog look-up may rebuild the relation's entry.
+        let (nsp, name) = unsafe {
+            let form = &*(*rel).rd_rel;
+            (
+                form.relnamespace,
+                CStr::from_ptr(form.relname.data.as_ptr())
+                    .to_bytes()
+                    .to_vec(),
+            )
+        };
         let generation = schema_names_generation();
-        if let Some((nsp, n, g, text)) = &*self.table.borrow()
-            && *nsp == form.relnamespace
-            && n == name
+        if let Some((n, r, g, text)) = &*self.table.borrow()
+            && *n == nsp
+            && *r == name
             && *g == generation
         {
             return text.clone();
         }
-        let text: Rc<str> = unsafe { table_name(rel) }.into();
-        self.table.replace(Some((
-            form.relnamespace,
-            name.to_vec(),
-            generation,
-            text.clone(),
-        )));
+        let text: Rc<str> = unsafe { qualified(nsp, &name) }.into();
+        self.table
+            .replace(Some((nsp, name, generation, text.clone())));
         text
     }
 

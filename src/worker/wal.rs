@@ -30,6 +30,11 @@ use crate::stomp::client::{Connection, StompError};
 /// transaction. Each look decodes again from the slot's restart point, so
 /// a drain takes big looks.
 const PEEK_ROWS: i64 = 2_000;
+/// What a look's messages may take, read back whole (a compact chunk's
+/// messages share their context, so they take more than its bytes): past
+/// it, the look ends after the transactions it has (one transaction is
+/// always read whole).
+const LOOK_BYTES: usize = 64 << 20;
 /// How often a database without its slot looks whether it can make it.
 const SLOT_RETRY: Duration = Duration::from_secs(60);
 
@@ -466,13 +471,29 @@ impl Wal {
                 let mut open = Vec::new();
                 let mut count = 0i64;
                 let mut stuck = None;
+                let mut taken = 0usize;
+                let mut full = false;
                 for r in rows_read {
+                    if taken > LOOK_BYTES && !transactions.is_empty() {
+                        // The transaction under way is read next time.
+                        open.clear();
+                        full = true;
+                        break;
+                    }
                     count += 1;
                     let lsn = r.get::<i64>(1).ok().flatten().unwrap_or_default() as u64;
                     let data = r.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default();
                     match data.split_first() {
                         Some((b'M', payload)) => match capture::decode(payload) {
-                            Some(messages) => open.extend(messages),
+                            Some(messages) => {
+                                taken += messages
+                                    .iter()
+                                    .map(|(_, m)| {
+                                        64 + m.destination.len() + m.headers.len() + m.body.len()
+                                    })
+                                    .sum::<usize>();
+                                open.extend(messages);
+                            }
                             // Signed with the cluster's key, so written by
                             // outbox_pg, in a format this build does not
                             // know (a newer one): never skipped. The look
@@ -497,7 +518,7 @@ impl Wal {
                 }
                 Peeked {
                     transactions,
-                    complete: count < rows && stuck.is_none(),
+                    complete: count < rows && stuck.is_none() && !full,
                     target: target.1 as u64,
                     stuck,
                 }

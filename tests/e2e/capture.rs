@@ -260,6 +260,36 @@ fn a_trigger_captures_too_and_a_delayed_message_waits_in_the_table() {
         Some(format!("{d}.v9").as_str())
     );
     assert_eq!(v9[0].get("team"), None);
+    // A row over outbox.max_message_bytes: refused as in the table mode,
+    // nothing written; one within it goes.
+    c.batch_execute("ALTER SYSTEM SET outbox.max_message_bytes = 200")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for("the reload", Duration::from_secs(10), || {
+        let v: String = c
+            .query_one("SHOW outbox.max_message_bytes", &[])
+            .unwrap()
+            .get(0);
+        (v == "200B").then_some(())
+    });
+    let e = c
+        .batch_execute("INSERT INTO items (id, \"the name\") VALUES (8, repeat(E'\\n', 150))")
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED)
+    );
+    c.batch_execute("INSERT INTO items (id, \"the name\") VALUES (9, repeat('y', 100))")
+        .unwrap();
+    c.batch_execute("ALTER SYSTEM RESET outbox.max_message_bytes")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let frames = sub.take(1, Duration::from_secs(15));
+    assert!(String::from_utf8_lossy(&frames[0].body).contains(r#""id": 9"#));
+    assert!(
+        sub.next(Duration::from_millis(500)).is_none(),
+        "nothing else"
+    );
     c.execute(
         "SELECT outbox.publish($1, '\"later\"', delay => '1 second')",
         &[&d],
