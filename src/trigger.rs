@@ -70,8 +70,14 @@ unsafe fn label(td: *const pg_sys::TriggerData) -> String {
 }
 
 unsafe fn table_name(rel: pg_sys::Relation) -> String {
-    // Copied first: a catalog look-up may rebuild the relation's entry.
-    let (nsp, name) = unsafe {
+    let (nsp, name) = unsafe { schema_and_name(rel) };
+    unsafe { qualified(nsp, &name) }
+}
+
+/// The table's schema and name, copied: a catalog look-up after may
+/// rebuild the relation's entry.
+unsafe fn schema_and_name(rel: pg_sys::Relation) -> (pg_sys::Oid, Vec<u8>) {
+    unsafe {
         let form = &*(*rel).rd_rel;
         (
             form.relnamespace,
@@ -79,8 +85,7 @@ unsafe fn table_name(rel: pg_sys::Relation) -> String {
                 .to_bytes()
                 .to_vec(),
         )
-    };
-    unsafe { qualified(nsp, &name) }
+    }
 }
 
 /// `schema.table`.
@@ -273,16 +278,7 @@ impl Cached {
     /// table or a schema was renamed since (a catalog look-up and two
     /// strings per row were a tenth of a captured row's own cost).
     unsafe fn table(&self, rel: pg_sys::Relation) -> Rc<str> {
-        // Copied first: a catalog look-up may rebuild the relation's entry.
-        let (nsp, name) = unsafe {
-            let form = &*(*rel).rd_rel;
-            (
-                form.relnamespace,
-                CStr::from_ptr(form.relname.data.as_ptr())
-                    .to_bytes()
-                    .to_vec(),
-            )
-        };
+        let (nsp, name) = unsafe { schema_and_name(rel) };
         let generation = schema_names_generation();
         if let Some((n, r, g, text)) = &*self.table.borrow()
             && *n == nsp
