@@ -480,8 +480,10 @@ fn capture_write_path(sizes: &Sizes, rows: &mut Vec<Row>) {
         ("as one INSERT ... SELECT", &bulk, 2.0),
     ];
     for (how, run, target) in runs {
+        // Five rounds: a bulk run takes a tenth of a second, and this
+        // machine's speed drifts by more than the differences measured.
         let rounds = Rounds(
-            (0..3)
+            (0..5)
                 .map(|_| variants.map(|v| run(&mut c, v)))
                 .collect::<Vec<_>>(),
         );

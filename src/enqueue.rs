@@ -104,8 +104,8 @@ thread_local! {
 pub fn write(m: &Message) -> uuid::Uuid {
     // Time-ordered (version 7): each new id lands at the right edge of the
     // message_id index instead of on a random page of it.
-    let id = crate::ids::message_id();
     let now = std::time::SystemTime::now();
+    let id = crate::ids::message_id_at(now);
     let delayed = m.delay.is_some_and(|d| !interval_is_zero(d));
     if crate::capture::wanted(delayed) {
         // Once per transaction: the slot's look scans shared memory.

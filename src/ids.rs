@@ -49,8 +49,15 @@ fn random<const N: usize>() -> [u8; N] {
 
 /// A new message id: the current Unix time in milliseconds, then random
 /// bits (ids of one millisecond are in no particular order).
+#[cfg(test)]
 pub fn message_id() -> uuid::Uuid {
-    let ms = std::time::SystemTime::now()
+    message_id_at(std::time::SystemTime::now())
+}
+
+/// A new message id written at `now` (the caller's one reading of the
+/// clock).
+pub fn message_id_at(now: std::time::SystemTime) -> uuid::Uuid {
+    let ms = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     uuid::Builder::from_unix_timestamp_millis(ms, &random::<10>()).into_uuid()
