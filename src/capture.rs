@@ -48,6 +48,9 @@ const SEQ_NEXT: u8 = 1;
 const SAME_CONTEXT: u8 = 2;
 const OP_SHIFT: u8 = 2;
 const OPS: [&str; 3] = ["INSERT", "UPDATE", "DELETE"];
+/// The largest message captured (body, destination and user headers); a
+/// larger one is written to the table.
+pub const MESSAGE_MAX: usize = 256 << 20;
 /// A context is shared by the messages after it only up to this size: a
 /// reader makes each message whole again, so a large one written once and
 /// read thousands of times would take the publisher's memory with it.

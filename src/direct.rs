@@ -339,10 +339,8 @@ unsafe fn look_up(rel: pg_sys::Relation, spec: &Spec) -> Known {
         if sequence == pg_sys::InvalidOid {
             return Known::Unsupported(relid);
         }
-        let form = &*(*rel).rd_rel;
-        let desc = (*rel).rd_att;
-        // No trigger descriptor: no triggers now (`relhastriggers` stays set
-        // after the last one is dropped, until a VACUUM).
+        // First: the index list may read the catalog and so rebuild the
+        // relation's entry, which the pointers below point into.
         let indexes = pg_sys::RelationGetIndexList(rel);
         let n_indexes = if indexes.is_null() {
             0
@@ -350,6 +348,10 @@ unsafe fn look_up(rel: pg_sys::Relation, spec: &Spec) -> Known {
             (*indexes).length
         };
         pg_sys::list_free(indexes);
+        let form = &*(*rel).rd_rel;
+        let desc = (*rel).rd_att;
+        // No trigger descriptor: no triggers now (`relhastriggers` stays set
+        // after the last one is dropped, until a VACUUM).
         let mut ok = form.relkind as u8 == pg_sys::RELKIND_RELATION
             && (*rel).trigdesc.is_null()
             && !form.relrowsecurity

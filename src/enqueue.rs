@@ -123,20 +123,30 @@ pub fn write(m: &Message) -> uuid::Uuid {
                 text.as_str()
             }
         };
-        // The generated headers are made when the message is read back.
-        crate::capture::emit(&crate::capture::Outgoing {
-            message_id: *id.as_bytes(),
-            sent: now
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as i64),
-            destination: m.destination,
-            version: m.version,
-            user_headers: m.user_headers,
-            trigger: m.trigger,
-            body,
-        });
-        crate::wake::arm_captured();
-        return id;
+        let size = body.len()
+            + m.destination.len()
+            + m.user_headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        // A WAL record holds at most about 1 GB (and a reader allocates
+        // it whole): a message that large goes into the table instead.
+        if size <= crate::capture::MESSAGE_MAX {
+            // The generated headers are made when the message is read back.
+            crate::capture::emit(&crate::capture::Outgoing {
+                message_id: *id.as_bytes(),
+                sent: now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64),
+                destination: m.destination,
+                version: m.version,
+                user_headers: m.user_headers,
+                trigger: m.trigger,
+                body,
+            });
+            crate::wake::arm_captured();
+            return id;
+        }
     }
     let id_text = id.to_string();
     let headers = headers::stored(

@@ -150,7 +150,10 @@ impl Plan {
             // A text's escaped form takes at least its size and two quotes
             // (and a brace follows): known before it is read, toasted or not.
             if kind == Kind::Text
-                && out.len() + unsafe { pg_sys::toast_raw_datum_size(values[at]) } + 3 > limit
+                && out.len() + unsafe { pg_sys::toast_raw_datum_size(values[at]) }
+                    - pg_sys::VARHDRSZ
+                    + 3
+                    > limit
             {
                 return None;
             }
@@ -160,17 +163,15 @@ impl Plan {
             }
         }
         out.push(b'}');
-        if out.len() > limit {
-            return None;
-        }
         // Checked even in a UTF-8 database: bytes that came in without a
         // conversion (a foreign table, a C function) may be invalid, and an
         // invalid message could not be read back. As jsonb's text's
-        // conversion does.
-        Some(match String::from_utf8(out) {
+        // conversion does (and then measured: a replacement is longer).
+        let text = match String::from_utf8(out) {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        })
+        };
+        (text.len() <= limit).then_some(text)
     }
 }
 

@@ -260,6 +260,17 @@ mod tests {
                 );
             }
         }
+        // A text last in key order: a row that fits its limit exactly is
+        // still written (the limit's arithmetic is exact).
+        Spi::run(
+            r#"CREATE TABLE rj3 (k int, "the longest column name" text);
+               INSERT INTO rj3 VALUES (1, 'abcd'), (2, ''), (3, NULL), (4, repeat('z', 3000)),
+                 (5, repeat(E'\n', 40)), (6, repeat('é', 900))"#,
+        )
+        .unwrap();
+        for (direct, jsonb) in both_ways("rj3", None) {
+            assert_eq!(direct, jsonb);
+        }
         // A projection: the columns given, in jsonb's key order still.
         for (direct, jsonb) in both_ways("rj", Some(&[4, 1])) {
             assert_eq!(direct, jsonb);

@@ -278,15 +278,20 @@ impl Cached {
     /// table or a schema was renamed since (a catalog look-up and two
     /// strings per row were a tenth of a captured row's own cost).
     unsafe fn table(&self, rel: pg_sys::Relation) -> Rc<str> {
-        let (nsp, name) = unsafe { schema_and_name(rel) };
         let generation = schema_names_generation();
-        if let Some((n, r, g, text)) = &*self.table.borrow()
-            && *n == nsp
-            && *r == name
-            && *g == generation
         {
-            return text.clone();
+            // SAFETY: read in place, before any catalog look-up.
+            let form = unsafe { &*(*rel).rd_rel };
+            let name = unsafe { CStr::from_ptr(form.relname.data.as_ptr()) }.to_bytes();
+            if let Some((n, r, g, text)) = &*self.table.borrow()
+                && *n == form.relnamespace
+                && r == name
+                && *g == generation
+            {
+                return text.clone();
+            }
         }
+        let (nsp, name) = unsafe { schema_and_name(rel) };
         let text: Rc<str> = unsafe { qualified(nsp, &name) }.into();
         self.table
             .replace(Some((nsp, name, generation, text.clone())));

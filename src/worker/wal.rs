@@ -32,8 +32,8 @@ use crate::stomp::client::{Connection, StompError};
 const PEEK_ROWS: i64 = 2_000;
 /// What a look's messages may take, read back whole (a compact chunk's
 /// messages share their context, so they take more than its bytes): past
-/// it, the look ends after the transactions it has (one transaction is
-/// always read whole).
+/// it, the look ends after the transaction it is reading (one transaction
+/// is always read whole).
 const LOOK_BYTES: usize = 64 << 20;
 /// How often a database without its slot looks whether it can make it.
 const SLOT_RETRY: Duration = Duration::from_secs(60);
@@ -474,9 +474,9 @@ impl Wal {
                 let mut taken = 0usize;
                 let mut full = false;
                 for r in rows_read {
-                    if taken > LOOK_BYTES && !transactions.is_empty() {
-                        // The transaction under way is read next time.
-                        open.clear();
+                    if taken > LOOK_BYTES && open.is_empty() && !transactions.is_empty() {
+                        // Between transactions: the next one is read next
+                        // time (one is always read whole).
                         full = true;
                         break;
                     }
