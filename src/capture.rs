@@ -905,10 +905,6 @@ mod tests {
         }
     }
 
-    fn pending() -> Pending {
-        Pending::new()
-    }
-
     type Spec = (
         u32,
         u8,
@@ -933,7 +929,7 @@ mod tests {
                     vec![("big".into(), "x".repeat(SHARED_CONTEXT))],
                 ]
             });
-        let mut p = pending();
+        let mut p = Pending::new();
         let mut out = Vec::new();
         for (i, &(seq, id, destination, version, headers, trigger)) in specs.iter().enumerate() {
             if forget_before.contains(&i) {
@@ -1064,7 +1060,7 @@ mod tests {
         assert!(forgot.len() > whole.len() + 4 + "/topic/a".len());
         assert_eq!(decode(&whole), decode(&forgot));
         // What follows a forget decodes without what came before it.
-        let mut p = pending();
+        let mut p = Pending::new();
         let m = |id| Outgoing {
             message_id: [id; 16],
             sent: 0,

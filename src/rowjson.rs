@@ -293,7 +293,7 @@ unsafe fn number(out: &mut Vec<u8>, text: &CStr, float: bool) {
 }
 
 /// A JSON string as PostgreSQL's `escape_json` writes it.
-pub fn escape(out: &mut Vec<u8>, s: &[u8]) {
+fn escape(out: &mut Vec<u8>, s: &[u8]) {
     out.reserve(s.len() + 2);
     out.push(b'"');
     let mut from = 0;

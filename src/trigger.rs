@@ -301,15 +301,18 @@ impl Cached {
     /// The plan that writes the shape's rows as text, when every column
     /// it takes allows (None: through `to_jsonb`, or the serializer).
     unsafe fn plan(&self, shape: &Rc<Shape>, desc: pg_sys::TupleDesc) -> Option<Rc<rowjson::Plan>> {
-        let attnums: Option<Vec<i16>> = match &**shape {
-            Shape::Row => None,
-            Shape::Projection(p) => Some(p.columns.iter().map(|c| c.0).collect()),
-            Shape::Serializer(_) => return None,
-        };
+        if matches!(&**shape, Shape::Serializer(_)) {
+            return None;
+        }
         let current = self.plan.borrow().clone();
         let plan = match current {
             Some((of, plan)) if Rc::ptr_eq(&of, shape) && unsafe { plan.fits(desc) } => plan,
             _ => {
+                // Made only here, not at every row.
+                let attnums: Option<Vec<i16>> = match &**shape {
+                    Shape::Projection(p) => Some(p.columns.iter().map(|c| c.0).collect()),
+                    _ => None,
+                };
                 let plan = Rc::new(unsafe { rowjson::Plan::new(desc, attnums.as_deref()) });
                 self.plan.replace(Some((shape.clone(), plan.clone())));
                 plan
